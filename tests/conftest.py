@@ -74,7 +74,8 @@ class ScriptedServer:
                 body = self.rfile.read(length) if length else b""
                 with owner.lock:
                     owner.requests.append({"method": self.command, "path": self.path,
-                                           "headers": dict(self.headers), "body": body})
+                                           "headers": dict(self.headers), "body": body,
+                                           "at": owner.clock.now if owner.clock else None})
                     reply = owner.script.pop(0) if owner.script else ok_reply()
                 if reply.stall_s:
                     time.sleep(reply.stall_s)
@@ -114,8 +115,8 @@ class ScriptedServer:
 
 
 @pytest.fixture
-def server():
-    scripted = ScriptedServer()
+def server(clock):
+    scripted = ScriptedServer(clock=clock)
     yield scripted
     scripted.close()
 

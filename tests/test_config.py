@@ -60,7 +60,8 @@ def test_it_exits_78_with_one_line_naming_a_bad_environment_value(
 BAD_FILES = [
     ("{not json", "not valid JSON"),
     ('["a", "list"]', "must hold a JSON object"),
-    ('{"server_id": 42, "api_url": "https://x.example", "intervall": 30}', "unknown key 'intervall'"),
+    ('{"server_id": 42, "api_url": "https://x.example", "intervall": 30}',
+     "unknown key 'intervall'"),
     ('{"server_id": "forty-two", "api_url": "https://x.example"}', "key 'server_id'"),
     ('{"server_id": true, "api_url": "https://x.example"}', "key 'server_id'"),
     ('{"server_id": 42, "api_url": "https://x.example", "interval": "30s"}', "key 'interval'"),

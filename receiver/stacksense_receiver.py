@@ -1,0 +1,735 @@
+#!/usr/bin/env python3
+"""StackSense reference receiver: a small stand-in for the heartbeat API.
+
+THIS IS NOT THE STACKSENSE MONITORING SERVER. It is a test double used by
+this repository's tests, by Molecule scenarios and by the local demo. It
+answers with the same status codes as the real server so the agent and the
+Ansible role can be exercised without one; it has no database, no users and
+keeps everything in memory.
+
+Agent-facing API (mirrors the real server):
+  POST /api/heartbeat/<id>/   legacy API, body {"agent_version": "..."}
+                              200 known id, 404 unknown or non-numeric id,
+                              301 to the slashed path if the slash is missing,
+                              405 (Allow: POST) for other methods, 400 bad JSON,
+                              403 HTML "CSRF verification failed" in csrf mode.
+  POST /api/agent/heartbeat/  token API, header "Authorization: Bearer <token>";
+                              200, 401 for a missing/malformed/unknown token.
+  GET  /api/agent/ping/       token check: 200 with the server identity, or 401.
+
+Receiver-only endpoints (do not exist on the real server):
+  GET    /                    HTML status page (refreshes every 5 s)
+  GET    /api/status/         servers with online/offline state
+  GET    /api/heartbeats/     accepted heartbeats (?server_id=N&source=IP)
+  GET    /api/requests/       every agent-facing request, failed ones too
+  GET    /_receiver/fault     the injected fault ({"status": null} if none)
+  PUT    /_receiver/fault     {"status": 500} makes every /api/heartbeat/... and
+                              /api/agent/... request answer 500 until
+                              {"status": null} is PUT
+  DELETE /_receiver/records   forget recorded heartbeats and requests
+
+Run:  python3 receiver/stacksense_receiver.py --listen 127.0.0.1:8080 \
+          --server 1:web-01 --server 2:web-02:TOKEN
+Import:  make_server(servers, host="127.0.0.1", port=0, ...) -> server with
+         .url, .serve_forever(), .shutdown(), .server_close() and .store.
+
+Standard library only; runs on Python 3.6+.
+"""
+
+import argparse
+import collections
+import datetime
+import html
+import http.server
+import json
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from urllib.parse import parse_qs, urlsplit
+
+VERSION = "1.0.0"
+PROG = "stacksense-receiver"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_OFFLINE_AFTER = 180.0  # the real server's default, in seconds
+MAX_BODY_BYTES = 64 * 1024
+MAX_RECORDS = 100000  # per list; the oldest records are dropped beyond this
+UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+FAULT_PREFIXES = ("/api/heartbeat/", "/api/agent/")
+SERVER_ID_IN_PATH = re.compile(r"/api/heartbeat/([0-9]+)/?")
+BEARER_PREFIX = "Bearer "
+EXIT_CONFIG_ERROR = 2
+EXIT_LISTEN_ERROR = 1
+
+# pattern: full path; methods: HTTP method -> handler method name;
+# csrf: protected by the real server's CSRF middleware (legacy API only);
+# observer: receiver-only read/admin endpoint, not recorded in /api/requests/.
+Route = collections.namedtuple("Route", "pattern methods csrf observer")
+ROUTES = (
+    Route(re.compile(r"/api/heartbeat/(?P<server_id>[0-9]+)/"),
+          {"POST": "api_legacy_heartbeat"}, True, False),
+    Route(re.compile(r"/api/agent/heartbeat/"),
+          {"POST": "api_token_heartbeat"}, False, False),
+    Route(re.compile(r"/api/agent/ping/"), {"GET": "api_token_ping"}, False, False),
+    Route(re.compile(r"/api/status/"), {"GET": "api_status"}, False, True),
+    Route(re.compile(r"/api/heartbeats/"), {"GET": "api_heartbeats"}, False, True),
+    Route(re.compile(r"/api/requests/"), {"GET": "api_requests"}, False, True),
+    Route(re.compile(r"/_receiver/fault"),
+          {"GET": "admin_get_fault", "PUT": "admin_put_fault"}, False, True),
+    Route(re.compile(r"/_receiver/records"),
+          {"DELETE": "admin_clear_records"}, False, True),
+    Route(re.compile(r"/"), {"GET": "html_status_page"}, False, True),
+)
+
+CSRF_FAILURE_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>403 Forbidden</title></head>
+<body>
+<div id="summary">
+  <h1>Forbidden <span>(403)</span></h1>
+  <p>CSRF verification failed. Request aborted.</p>
+</div>
+</body>
+</html>
+"""
+
+STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="5">
+<title>StackSense reference receiver</title>
+<style>
+body { font-family: sans-serif; margin: 2em; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: left; }
+.online { color: #fff; background: #2e7d32; }
+.offline { color: #fff; background: #c62828; }
+</style>
+</head>
+<body>
+<h1>StackSense reference receiver</h1>
+<p>Test stand-in, not the StackSense monitoring server.
+A server is offline after %(offline_after)s s without a heartbeat.</p>
+<table>
+<tr><th>ID</th><th>Name</th><th>Agent version</th><th>Last heartbeat</th><th>State</th></tr>
+%(rows)s
+</table>
+</body>
+</html>
+"""
+
+
+class ConfigError(ValueError):
+    """Bad server list, listen address or option: reported as one line, exit 2."""
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, message for the JSON body, extra headers."""
+
+    def __init__(self, status, message, headers=None):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def iso_utc(timestamp):
+    """Format a POSIX timestamp as ISO 8601 UTC with milliseconds."""
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def bearer_token(header):
+    """Return the token of an exact "Bearer <token>" header, else None."""
+    if not header or not header.startswith(BEARER_PREFIX):
+        return None
+    token = header[len(BEARER_PREFIX):]
+    if not token or any(char.isspace() for char in token):
+        return None
+    return token
+
+
+def find_route(path):
+    """Return (route, match) for a path, or (None, None)."""
+    for route in ROUTES:
+        match = route.pattern.fullmatch(path)
+        if match:
+            return route, match
+    return None, None
+
+
+# ---------------------------------------------------------------- servers
+
+
+def _validate_server(entry, where):
+    """Check one {"id", "name", "token"} entry; return a normalised copy."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be an object with id and name")
+    unknown = sorted(set(entry) - {"id", "name", "token"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s): {', '.join(unknown)}")
+    server_id, name, token = entry.get("id"), entry.get("name"), entry.get("token")
+    if isinstance(server_id, bool) or not isinstance(server_id, int) or server_id < 1:
+        raise ConfigError(f"{where}: id must be a positive integer")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: name must be a non-empty string")
+    bad_token = not isinstance(token, str) or bearer_token(BEARER_PREFIX + token) is None
+    if token is not None and bad_token:
+        raise ConfigError(f"{where}: token must be a non-empty string without spaces")
+    return {"id": server_id, "name": name, "token": token}
+
+
+def validate_servers(servers):
+    """Validate a list of server dicts (ids and tokens unique); raise ConfigError."""
+    if not isinstance(servers, list):
+        raise ConfigError("servers must be a list of objects")
+    result, ids, tokens = [], set(), {}
+    for index, entry in enumerate(servers):
+        server = _validate_server(entry, f"server #{index + 1}")
+        if server["id"] in ids:
+            raise ConfigError(f"duplicate server id {server['id']}")
+        if server["token"] is not None and server["token"] in tokens:
+            first = tokens[server["token"]]
+            raise ConfigError(f"server id {server['id']} reuses the token of server id {first}")
+        ids.add(server["id"])
+        if server["token"] is not None:
+            tokens[server["token"]] = server["id"]
+        result.append(server)
+    return result
+
+
+def load_servers_file(path):
+    """Read a JSON list of servers from a file; raise ConfigError on any problem."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read servers file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"servers file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"servers file {path}: expected a JSON list of objects")
+    return data
+
+
+def parse_server_flag(text):
+    """Parse --server ID:NAME or ID:NAME:TOKEN into a server dict."""
+    parts = text.split(":", 2)
+    if len(parts) < 2 or not parts[0].isdigit():
+        raise ConfigError(f"--server {text!r}: expected ID:NAME or ID:NAME:TOKEN")
+    server = {"id": int(parts[0]), "name": parts[1]}
+    if len(parts) == 3:
+        server["token"] = parts[2]
+    return server
+
+
+def parse_listen(text):
+    """Parse HOST:PORT (or [IPv6]:PORT) into (host, port)."""
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+# ---------------------------------------------------------------- store
+
+
+class Store:
+    """Thread-safe in-memory record of servers, heartbeats, requests and the fault."""
+
+    def __init__(self, servers, clock=time.time, offline_after=DEFAULT_OFFLINE_AFTER,
+                 record_path=None):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.offline_after = offline_after
+        self._servers = collections.OrderedDict((s["id"], dict(s)) for s in servers)
+        self._tokens = dict((s["token"], s["id"]) for s in servers if s.get("token"))
+        self._fault = None
+        self._record = None
+        if record_path is not None:
+            try:  # kept open until close(), hence no "with"
+                self._record = open(record_path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot open record file {record_path}: {exc.strerror or exc}") from None
+        self.clear()
+
+    def now(self):
+        return self._clock()
+
+    def close(self):
+        with self._lock:
+            if self._record is not None:
+                self._record.close()
+                self._record = None
+
+    def clear(self):
+        """Forget heartbeats, requests and last-seen state (servers stay)."""
+        with self._lock:
+            self._heartbeats = collections.deque(maxlen=MAX_RECORDS)
+            self._requests = collections.deque(maxlen=MAX_RECORDS)
+            self._seen = {}
+
+    def server_by_id(self, server_id):
+        with self._lock:
+            server = self._servers.get(server_id)
+            return dict(server) if server else None
+
+    def server_by_token(self, token):
+        with self._lock:
+            server = self._servers.get(self._tokens.get(token))
+            return dict(server) if server else None
+
+    def register(self, server_id):
+        """Add server-<id> if unknown (--accept-any); return the server."""
+        with self._lock:
+            server = self._servers.setdefault(
+                server_id, {"id": server_id, "name": f"server-{server_id}", "token": None})
+            return dict(server)
+
+    def fault(self):
+        with self._lock:
+            return self._fault
+
+    def set_fault(self, status):
+        """Answer every agent-facing request with this status (400-599), or None."""
+        if status is not None and (isinstance(status, bool) or not isinstance(status, int)
+                                   or not 400 <= status <= 599):
+            raise ValueError("fault status must be an integer 400-599 or null")
+        with self._lock:
+            self._fault = status
+
+    def add_heartbeat(self, server_id, agent_version, source, api):
+        """Record an accepted heartbeat; return the record."""
+        now = self._clock()
+        record = {"server_id": server_id, "agent_version": agent_version,
+                  "source": source, "time": iso_utc(now), "api": api}
+        with self._lock:
+            self._heartbeats.append(record)
+            seen = self._seen.setdefault(server_id, {"count": 0})
+            seen.update(time=now, agent_version=agent_version, count=seen["count"] + 1)
+            self._append_to_record_file(record)
+        return dict(record)
+
+    def _append_to_record_file(self, record):
+        if self._record is None:
+            return
+        try:
+            self._record.write(json.dumps(record) + "\n")
+            self._record.flush()
+        except (OSError, ValueError) as exc:
+            print(f"{PROG}: cannot write record file: {exc}", file=sys.stderr, flush=True)
+
+    def add_request(self, method, path, status, source, server_id):
+        record = {"method": method, "path": path, "status": status, "source": source,
+                  "time": iso_utc(self._clock()), "server_id": server_id}
+        with self._lock:
+            self._requests.append(record)
+
+    def heartbeats(self, server_id=None, source=None):
+        with self._lock:
+            return _select(self._heartbeats, server_id, source)
+
+    def requests(self, server_id=None, source=None):
+        with self._lock:
+            return _select(self._requests, server_id, source)
+
+    def status(self):
+        """Return {"offline_after_s", "servers": [...]} as served by /api/status/."""
+        now = self._clock()
+        with self._lock:
+            rows = [self._status_row(server, self._seen.get(server_id), now)
+                    for server_id, server in self._servers.items()]
+        offline_after = self.offline_after
+        if float(offline_after).is_integer():
+            offline_after = int(offline_after)
+        return {"offline_after_s": offline_after, "servers": rows}
+
+    def _status_row(self, server, seen, now):
+        seen = seen or {"time": None, "agent_version": None, "count": 0}
+        age = None if seen["time"] is None else round(now - seen["time"], 3)
+        return {"id": server["id"], "name": server["name"],
+                "online": age is not None and age <= self.offline_after,
+                "last_heartbeat": None if seen["time"] is None else iso_utc(seen["time"]),
+                "seconds_since_heartbeat": age,
+                "agent_version": seen["agent_version"], "heartbeats": seen["count"]}
+
+
+def _select(records, server_id, source):
+    """Copies of the records matching server_id and source (None = any)."""
+    return [dict(record) for record in records
+            if (server_id is None or record["server_id"] == server_id)
+            and (source is None or record["source"] == source)]
+
+
+def render_status_page(status):
+    """The HTML status page for a Store.status() snapshot."""
+    rows = []
+    for server in status["servers"]:
+        age = server["seconds_since_heartbeat"]
+        state = "online" if server["online"] else "offline"
+        cells = (server["id"], server["name"], server["agent_version"] or "-",
+                 "never" if age is None else f"{age:.0f} s ago")
+        rows.append("<tr>{}<td class=\"{}\">{}</td></tr>".format(
+            "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells), state, state))
+    if not rows:
+        rows.append('<tr><td colspan="5">No servers configured.</td></tr>')
+    return STATUS_PAGE % {"offline_after": html.escape(str(status["offline_after_s"])),
+                          "rows": "\n".join(rows)}
+
+
+# ---------------------------------------------------------------- handler
+
+
+class ReceiverHandler(http.server.BaseHTTPRequestHandler):
+    """Routes one request (see ROUTES), answers it, records and logs it."""
+
+    server_version = "stacksense-receiver/" + VERSION
+
+    def version_string(self):
+        return self.server_version
+
+    def do_GET(self):
+        self._handle()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _handle(self):
+        url = urlsplit(self.path)
+        self._status, self._query = None, parse_qs(url.query)
+        route, match = find_route(url.path)
+        self._server_id = self._identify(url.path)
+        try:
+            self._body = self._read_body()
+            self._respond(url, route, match)
+        except ApiError as exc:
+            self._send_json(exc.status, {"error": exc.message}, exc.headers)
+        if route is None or not route.observer:
+            self.server.store.add_request(self.command, url.path, self._status,
+                                          self.client_address[0], self._server_id)
+        self._log_request_line()
+
+    def _respond(self, url, route, match):
+        fault = self.server.store.fault()
+        if fault is not None and url.path.startswith(FAULT_PREFIXES):
+            raise ApiError(fault, f"Injected fault (HTTP {fault})")
+        if route is None:
+            return self._redirect_or_not_found(url)
+        if route.csrf and self.server.legacy_csrf and self.command in UNSAFE_METHODS:
+            return self._send(403, "text/html; charset=utf-8", CSRF_FAILURE_PAGE.encode("utf-8"))
+        method = "GET" if self.command == "HEAD" else self.command
+        if method not in route.methods:
+            raise ApiError(405, "Method not allowed", {"Allow": ", ".join(route.methods)})
+        getattr(self, route.methods[method])(**match.groupdict())
+
+    def _redirect_or_not_found(self, url):
+        """Like Django's APPEND_SLASH: 301 to path + "/" if that is a route."""
+        if url.path.endswith("/") or find_route(url.path + "/")[0] is None:
+            raise ApiError(404, "Not found")
+        location = url.path + "/" + ("?" + url.query if url.query else "")
+        self._send(301, "text/html; charset=utf-8", b"", {"Location": location})
+
+    def _identify(self, path):
+        """The server id a request is about, if known (path id or valid token)."""
+        match = SERVER_ID_IN_PATH.fullmatch(path)
+        if match:
+            return int(match.group(1))
+        if path.startswith("/api/agent/"):
+            token = bearer_token(self.headers.get("Authorization"))
+            server = self.server.store.server_by_token(token)
+            return server["id"] if server else None
+        return None
+
+    def _read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "Content-Length required")
+        raw = self.headers.get("Content-Length", "0").strip()
+        length = int(raw) if raw.isdigit() else -1
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(400 if length < 0 else 413,
+                           "Invalid Content-Length" if length < 0 else "Request body too large")
+        return self.rfile.read(length)
+
+    def _json_body(self):
+        """The request body as a JSON object, or ApiError 400."""
+        try:
+            data = json.loads(self._body.decode("utf-8"))
+        except ValueError:
+            raise ApiError(400, "Request body must be valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "Request body must be a JSON object")
+        return data
+
+    def _agent_version(self):
+        version = self._json_body().get("agent_version")
+        if version is not None and not isinstance(version, str):
+            raise ApiError(400, "agent_version must be a string")
+        return version
+
+    def _token_server(self):
+        server = self.server.store.server_by_token(bearer_token(self.headers.get("Authorization")))
+        if server is None:
+            raise ApiError(401, "Invalid or missing token", {"WWW-Authenticate": "Bearer"})
+        return server
+
+    def _filters(self):
+        """server_id / source query filters for the listing endpoints."""
+        server_id = self._query.get("server_id", [None])[0]
+        if server_id is not None and not server_id.isdigit():
+            raise ApiError(400, "server_id must be an integer")
+        source = self._query.get("source", [None])[0]
+        return {"server_id": None if server_id is None else int(server_id), "source": source}
+
+    # -- agent-facing API
+
+    def api_legacy_heartbeat(self, server_id):
+        store, server_id = self.server.store, int(server_id)
+        server = store.server_by_id(server_id)
+        if server is None and not (self.server.accept_any and server_id >= 1):
+            raise ApiError(404, "Server not found")
+        version = self._agent_version()
+        server = server or store.register(server_id)
+        record = store.add_heartbeat(server["id"], version, self.client_address[0], "legacy")
+        self._send_json(200, {"status": "ok", "server_id": server["id"],
+                              "server_name": server["name"], "heartbeat_received": True,
+                              "timestamp": record["time"]})
+
+    def api_token_heartbeat(self):
+        server = self._token_server()
+        version = self._agent_version()
+        self.server.store.add_heartbeat(server["id"], version, self.client_address[0], "token")
+        self._send_json(200, {"status": "ok", "heartbeat_received": True})
+
+    def api_token_ping(self):
+        server = self._token_server()
+        self._send_json(200, {"status": "ok", "server_id": server["id"],
+                              "server_name": server["name"], "authenticated": True})
+
+    # -- receiver-only endpoints
+
+    def api_status(self):
+        self._send_json(200, self.server.store.status())
+
+    def api_heartbeats(self):
+        self._send_json(200, self.server.store.heartbeats(**self._filters()))
+
+    def api_requests(self):
+        self._send_json(200, self.server.store.requests(**self._filters()))
+
+    def admin_get_fault(self):
+        self._send_json(200, {"status": self.server.store.fault()})
+
+    def admin_put_fault(self):
+        body = self._json_body()
+        if "status" not in body:
+            raise ApiError(400, 'Expected {"status": <400-599 or null>}')
+        try:
+            self.server.store.set_fault(body["status"])
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        self._send_json(200, {"status": self.server.store.fault()})
+
+    def admin_clear_records(self):
+        self.server.store.clear()
+        self._send_json(200, {"status": "ok"})
+
+    def html_status_page(self):
+        page = render_status_page(self.server.store.status())
+        self._send(200, "text/html; charset=utf-8", page.encode("utf-8"))
+
+    # -- output
+
+    def _send(self, status, content_type, body, headers=None):
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in sorted((headers or {}).items()):
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status, data, headers=None):
+        self._send(status, "application/json", json.dumps(data).encode("utf-8"), headers)
+
+    def _log_request_line(self):
+        now = iso_utc(self.server.store.now())
+        line = f"{now} {self.client_address[0]} {self.command} {self.path} {self._status}"
+        if self._server_id is not None:
+            line += f" server_id={self._server_id}"
+        self.server.log(line)
+
+    def log_request(self, code="-", size="-"):
+        """Silenced: _handle logs one line per request itself."""
+
+    def log_message(self, format, *args):
+        """http.server's own messages (malformed requests), one line to the log."""
+        now = iso_utc(self.server.store.now())
+        self.server.log(f"{now} {self.client_address[0]} {format % args}")
+
+
+# ---------------------------------------------------------------- server
+
+
+class ReceiverServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """Threaded HTTP server holding the store, the options and the request log."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, store, legacy_csrf=False, accept_any=False, log=None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.store = store
+        self.legacy_csrf = legacy_csrf
+        self.accept_any = accept_any
+        self._log_stream = log
+        self._log_lock = threading.Lock()
+        http.server.HTTPServer.__init__(self, address, ReceiverHandler)
+
+    def server_bind(self):
+        # Skip HTTPServer.server_bind: its socket.getfqdn() can stall on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+    def log(self, line):
+        if self._log_stream is None:
+            return
+        with self._log_lock:
+            try:
+                self._log_stream.write(line + "\n")
+                self._log_stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):
+            return socketserver.TCPServer.handle_error(self, request, client_address)
+        self.log(f"{iso_utc(self.store.now())} {client_address[0]} connection error: {error}")
+
+    def server_close(self):
+        http.server.HTTPServer.server_close(self)
+        self.store.close()
+
+
+def make_server(servers, host="127.0.0.1", port=0, offline_after=DEFAULT_OFFLINE_AFTER,
+                legacy_csrf=False, accept_any=False, clock=time.time, record=None, log=None):
+    """Build a bound (not yet serving) receiver.
+
+    servers: list of {"id": int, "name": str, "token": optional str}.
+    record: optional file path; every accepted heartbeat is appended as a JSON line.
+    log: optional text stream for one line per request (None = silent).
+    Raises ConfigError (a ValueError) for bad servers/options, OSError if it cannot bind.
+    """
+    if not offline_after > 0:
+        raise ConfigError("offline_after must be a positive number of seconds")
+    store = Store(validate_servers(servers), clock=clock, offline_after=offline_after,
+                  record_path=record)
+    try:
+        return ReceiverServer((host, port), store, legacy_csrf=legacy_csrf,
+                              accept_any=accept_any, log=log)
+    except BaseException:
+        store.close()
+        raise
+
+
+# ---------------------------------------------------------------- command line
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM/SIGINT handler to leave serve_forever()."""
+
+
+def _stop(signum, frame):
+    raise _Stop()
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Reference StackSense heartbeat receiver for tests and demos "
+                               "(NOT the StackSense monitoring server).")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                        help="address to listen on; port 0 picks a free port (default %(default)s)")
+    parser.add_argument("--servers", metavar="FILE",
+                        help='JSON file: a list of {"id": 1, "name": "web-01", "token": "..."}')
+    parser.add_argument("--server", action="append", default=[], metavar="ID:NAME[:TOKEN]",
+                        help="add a server (repeatable)")
+    parser.add_argument("--accept-any", action="store_true",
+                        help="auto-register unknown numeric ids on the legacy API as server-<id>")
+    parser.add_argument("--legacy-csrf", action="store_true",
+                        help="answer legacy heartbeats with the real server's 403 "
+                             "'CSRF verification failed' page")
+    parser.add_argument("--offline-after", type=positive_float, default=DEFAULT_OFFLINE_AFTER,
+                        metavar="SECONDS", help="offline after this long without a heartbeat "
+                                                "(default %(default).0f)")
+    parser.add_argument("--record", metavar="FILE",
+                        help="also append every accepted heartbeat to FILE as a JSON line")
+    return parser
+
+
+def collect_servers(args):
+    """Servers from --servers FILE then --server flags (validated by make_server)."""
+    servers = load_servers_file(args.servers) if args.servers else []
+    return servers + [parse_server_flag(text) for text in args.server]
+
+
+def serve(server):
+    """Serve until SIGTERM/SIGINT; return exit status 0."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"{PROG} listening on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except _Stop:
+        pass
+    finally:
+        server.server_close()
+    print(f"{PROG} stopped", flush=True)
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        host, port = parse_listen(args.listen)
+        server = make_server(collect_servers(args), host=host, port=port,
+                             offline_after=args.offline_after, legacy_csrf=args.legacy_csrf,
+                             accept_any=args.accept_any, record=args.record, log=sys.stdout)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as exc:
+        print(f"{PROG}: error: cannot listen on {args.listen}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_LISTEN_ERROR
+    return serve(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Tests for receiver/stacksense_receiver.py, the reference heartbeat receiver.
+
+Each test talks HTTP (requests) to a real receiver bound to 127.0.0.1:0 and
+served from a thread; time is an injected fake clock, so nothing sleeps.
+"""
+
+import importlib.util
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+RECEIVER_PATH = Path(__file__).resolve().parents[1] / "receiver" / "stacksense_receiver.py"
+SERVERS = [
+    {"id": 1, "name": "web-01", "token": "tok-1"},
+    {"id": 2, "name": "web-02"},
+]
+HEARTBEAT = {"agent_version": "1.0.0"}
+START_TIME = 1700000000.0
+
+
+def _load_receiver_module():
+    spec = importlib.util.spec_from_file_location("stacksense_receiver", str(RECEIVER_PATH))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stacksense_receiver = _load_receiver_module()
+
+
+class FakeClock:
+    def __init__(self, now=START_TIME):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def start_receiver(clock):
+    """Start receivers in threads (make_server options as kwargs); stop them after the test."""
+    started = []
+
+    def start(servers=SERVERS, **options):
+        options.setdefault("clock", clock)
+        server = stacksense_receiver.make_server(servers, **options)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02})
+        thread.daemon = True
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def receiver(start_receiver):
+    return start_receiver()
+
+
+@pytest.fixture
+def http():
+    session = requests.Session()
+    session.trust_env = False  # never send 127.0.0.1 traffic through an environment proxy
+    yield session
+    session.close()
+
+
+def legacy_heartbeat(http, receiver, server_id, **kwargs):
+    kwargs.setdefault("json", HEARTBEAT)
+    return http.post(f"{receiver.url}/api/heartbeat/{server_id}/",
+                     allow_redirects=False, timeout=5, **kwargs)
+
+
+def token_heartbeat(http, receiver, headers):
+    return http.post(receiver.url + "/api/agent/heartbeat/", json=HEARTBEAT,
+                     headers=headers, timeout=5)
+
+
+def status_of(http, receiver, server_id):
+    servers = http.get(receiver.url + "/api/status/", timeout=5).json()["servers"]
+    return next(server for server in servers if server["id"] == server_id)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(RECEIVER_PATH), *list(args)],
+                          capture_output=True, text=True, timeout=10)
+
+
+# ---------------------------------------------------------------- legacy API
+
+
+def test_it_accepts_a_legacy_heartbeat_for_a_known_server_id(http, receiver):
+    response = legacy_heartbeat(http, receiver, 1)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body == {"status": "ok", "server_id": 1, "server_name": "web-01",
+                    "heartbeat_received": True, "timestamp": "2023-11-14T22:13:20.000+00:00"}
+    assert receiver.store.heartbeats() == [
+        {"server_id": 1, "agent_version": "1.0.0", "source": "127.0.0.1",
+         "time": "2023-11-14T22:13:20.000+00:00", "api": "legacy"}]
+
+
+def test_it_answers_404_for_an_unknown_server_id(http, receiver):
+    response = legacy_heartbeat(http, receiver, 99)
+
+    assert response.status_code == 404
+    assert response.json() == {"error": "Server not found"}
+    assert receiver.store.heartbeats() == []
+
+
+def test_it_answers_404_for_a_non_numeric_server_id(http, receiver):
+    assert legacy_heartbeat(http, receiver, "web-01").status_code == 404
+
+
+def test_it_redirects_a_heartbeat_path_without_trailing_slash_with_301(http, receiver):
+    response = http.post(receiver.url + "/api/heartbeat/1", json=HEARTBEAT,
+                         allow_redirects=False, timeout=5)
+
+    assert response.status_code == 301
+    assert response.headers["Location"] == "/api/heartbeat/1/"
+    assert receiver.store.heartbeats() == []
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_it_answers_405_with_allow_post_for_get_and_put_on_a_heartbeat_path(
+        http, receiver, method):
+    response = http.request(method, receiver.url + "/api/heartbeat/1/", timeout=5)
+
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert response.json() == {"error": "Method not allowed"}
+
+
+@pytest.mark.parametrize("body", ["not json", "[1, 2]", '{"agent_version": 7}'])
+def test_it_answers_400_for_a_heartbeat_body_that_is_not_a_json_object(http, receiver, body):
+    response = legacy_heartbeat(http, receiver, 1, json=None, data=body,
+                                headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert "error" in response.json()
+    assert receiver.store.heartbeats() == []
+
+
+def test_it_rejects_legacy_heartbeats_with_the_csrf_page_in_csrf_mode(http, start_receiver):
+    receiver = start_receiver(legacy_csrf=True)
+
+    response = legacy_heartbeat(http, receiver, 1)
+
+    assert response.status_code == 403
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert "CSRF verification failed. Request aborted." in response.text
+    assert receiver.store.heartbeats() == []
+    assert token_heartbeat(http, receiver, {"Authorization": "Bearer tok-1"}).status_code == 200
+
+
+def test_accept_any_registers_unknown_numeric_ids_as_server_id(http, start_receiver):
+    receiver = start_receiver(accept_any=True)
+
+    response = legacy_heartbeat(http, receiver, 42)
+
+    assert response.status_code == 200
+    assert response.json()["server_name"] == "server-42"
+    assert status_of(http, receiver, 42)["online"] is True
+    assert legacy_heartbeat(http, receiver, "abc").status_code == 404
+
+
+# ---------------------------------------------------------------- token API
+
+
+def test_it_accepts_a_token_heartbeat_and_identifies_the_server_by_its_token(http, receiver):
+    response = token_heartbeat(http, receiver, {"Authorization": "Bearer tok-1"})
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "heartbeat_received": True}
+    [record] = receiver.store.heartbeats()
+    assert (record["server_id"], record["api"]) == (1, "token")
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": "Bearer "},
+    {"Authorization": "Token tok-1"},
+    {"Authorization": "bearer tok-1"},
+    {"Authorization": "Bearer tok-1 extra"},
+])
+def test_it_answers_401_for_a_missing_malformed_or_unknown_token(http, receiver, headers):
+    response = token_heartbeat(http, receiver, headers)
+
+    assert response.status_code == 401
+    assert response.json() == {"error": "Invalid or missing token"}
+    assert receiver.store.heartbeats() == []
+
+
+def test_ping_returns_the_server_identity_for_a_valid_token(http, receiver):
+    response = http.get(receiver.url + "/api/agent/ping/",
+                        headers={"Authorization": "Bearer tok-1"}, timeout=5)
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "server_id": 1, "server_name": "web-01",
+                               "authenticated": True}
+
+
+def test_ping_answers_401_for_a_bad_token(http, receiver):
+    response = http.get(receiver.url + "/api/agent/ping/",
+                        headers={"Authorization": "Bearer nope"}, timeout=5)
+
+    assert response.status_code == 401
+    assert "error" in response.json()
+
+
+# ---------------------------------------------------------------- status and records
+
+
+def test_a_server_stays_online_until_offline_after_seconds_pass(http, receiver, clock):
+    legacy_heartbeat(http, receiver, 1)
+
+    clock.advance(180)
+    at_limit = status_of(http, receiver, 1)
+    clock.advance(0.5)
+    past_limit = status_of(http, receiver, 1)
+
+    assert at_limit["online"] is True
+    assert at_limit["seconds_since_heartbeat"] == 180
+    assert (at_limit["agent_version"], at_limit["heartbeats"]) == ("1.0.0", 1)
+    assert past_limit["online"] is False
+    assert past_limit["last_heartbeat"] == "2023-11-14T22:13:20.000+00:00"
+
+
+def test_a_server_that_never_sent_a_heartbeat_is_offline(http, receiver):
+    status = http.get(receiver.url + "/api/status/", timeout=5).json()
+
+    assert status["offline_after_s"] == 180
+    assert status["servers"][1] == {
+        "id": 2, "name": "web-02", "online": False, "last_heartbeat": None,
+        "seconds_since_heartbeat": None, "agent_version": None, "heartbeats": 0}
+
+
+def test_the_offline_delay_is_configurable(http, start_receiver, clock):
+    receiver = start_receiver(offline_after=30)
+    legacy_heartbeat(http, receiver, 1)
+
+    clock.advance(31)
+
+    assert status_of(http, receiver, 1)["online"] is False
+
+
+def test_heartbeats_and_requests_can_be_listed_per_server(http, receiver):
+    legacy_heartbeat(http, receiver, 1)
+    legacy_heartbeat(http, receiver, 2)
+    legacy_heartbeat(http, receiver, 2, json=None, data="broken")
+
+    heartbeats = http.get(receiver.url + "/api/heartbeats/?server_id=2", timeout=5).json()
+    requests_for_2 = http.get(receiver.url + "/api/requests/?server_id=2", timeout=5).json()
+
+    assert [(h["server_id"], h["api"]) for h in heartbeats] == [(2, "legacy")]
+    assert [(r["method"], r["path"], r["status"]) for r in requests_for_2] == [
+        ("POST", "/api/heartbeat/2/", 200), ("POST", "/api/heartbeat/2/", 400)]
+    assert len(http.get(receiver.url + "/api/requests/", timeout=5).json()) == 3
+
+
+def test_deleting_records_forgets_heartbeats_and_requests(http, receiver):
+    legacy_heartbeat(http, receiver, 1)
+
+    response = http.delete(receiver.url + "/_receiver/records", timeout=5)
+
+    assert response.status_code == 200
+    assert receiver.store.heartbeats() == []
+    assert receiver.store.requests() == []
+    assert status_of(http, receiver, 1)["heartbeats"] == 0
+
+
+def test_an_injected_fault_is_answered_until_cleared_and_failed_requests_are_counted(
+        http, receiver):
+    injected = http.put(receiver.url + "/_receiver/fault", json={"status": 503}, timeout=5)
+    assert injected.status_code == 200
+
+    faulted = legacy_heartbeat(http, receiver, 1)
+    faulted_ping = http.get(receiver.url + "/api/agent/ping/",
+                            headers={"Authorization": "Bearer tok-1"}, timeout=5)
+    status_during_fault = http.get(receiver.url + "/api/status/", timeout=5)
+    http.put(receiver.url + "/_receiver/fault", json={"status": None}, timeout=5)
+    recovered = legacy_heartbeat(http, receiver, 1)
+
+    assert faulted.status_code == 503 and "error" in faulted.json()
+    assert faulted_ping.status_code == 503
+    assert status_during_fault.status_code == 200
+    assert recovered.status_code == 200
+    assert [r["status"] for r in receiver.store.requests(server_id=1)] == [503, 503, 200]
+    assert len(receiver.store.heartbeats()) == 1
+
+
+def test_an_invalid_fault_status_is_rejected(http, receiver):
+    response = http.put(receiver.url + "/_receiver/fault", json={"status": "boom"}, timeout=5)
+
+    assert response.status_code == 400
+    assert receiver.store.fault() is None
+
+
+def test_the_html_page_lists_servers_escaped_with_their_state(http, start_receiver):
+    receiver = start_receiver([{"id": 1, "name": "web-01"}, {"id": 2, "name": "<db&02>"}])
+    legacy_heartbeat(http, receiver, 1)
+
+    page = http.get(receiver.url + "/", timeout=5)
+
+    assert page.status_code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert '<meta http-equiv="refresh" content="5">' in page.text
+    assert "web-01" in page.text and "&lt;db&amp;02&gt;" in page.text
+    assert "<db&02>" not in page.text
+    assert re.search(r"web-01</td>.*class=\"online\"", page.text)
+    assert re.search(r"&lt;db&amp;02&gt;</td>.*class=\"offline\"", page.text)
+
+
+def test_make_server_rejects_duplicate_ids():
+    with pytest.raises(ValueError, match="duplicate server id 1"):
+        stacksense_receiver.make_server([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    '{"id": 1, "name": "web-01"}',
+    '[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]',
+    '[{"id": 1, "name": "a", "token": "t"}, {"id": 2, "name": "b", "token": "t"}]',
+    '[{"id": "one", "name": "a"}]',
+])
+def test_the_cli_exits_2_with_one_error_line_for_a_bad_servers_file(tmp_path, content):
+    servers_file = tmp_path / "servers.json"
+    servers_file.write_text(content)
+
+    result = run_cli("--listen", "127.0.0.1:0", "--servers", str(servers_file))
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("stacksense-receiver: error: ")
+
+
+def test_the_cli_exits_2_for_a_missing_servers_file(tmp_path):
+    result = run_cli("--servers", str(tmp_path / "missing.json"))
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "cannot read servers file" in result.stderr
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_the_cli_announces_its_address_logs_records_and_exits_0_on_a_stop_signal(
+        tmp_path, http, stop_signal):
+    record_file = tmp_path / "heartbeats.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, str(RECEIVER_PATH), "--listen", "127.0.0.1:0",
+         "--server", "1:web-01", "--record", str(record_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        announced = re.fullmatch(r"stacksense-receiver listening on (http://127\.0\.0\.1:\d+)\n",
+                                 process.stdout.readline())
+        assert announced
+        response = http.post(announced.group(1) + "/api/heartbeat/1/", json=HEARTBEAT, timeout=5)
+        log_line = process.stdout.readline()
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=5) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        stderr = process.stderr.read()
+        process.stderr.close()
+
+    assert response.status_code == 200
+    assert "POST /api/heartbeat/1/ 200 server_id=1" in log_line
+    assert json.loads(record_file.read_text())["server_id"] == 1
+    assert stderr == ""
