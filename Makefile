@@ -3,8 +3,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
+# Molecule runs ansible-playbook and friends from PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export NO_COLOR := 1
+SCENARIOS ?= default check bad_inventory
 
-.PHONY: venv lint unit molecule test clean
+.PHONY: venv lint unit images molecule test clean
 
 venv: $(VENV)/.installed
 
@@ -15,12 +19,24 @@ $(VENV)/.installed: requirements-dev.txt
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/vermin --no-tips --violations --target=3.6- agent/heartbeat_agent.py
+	$(BIN)/vermin --no-tips --violations --target=3.6- agent/heartbeat_agent.py \
+		receiver/stacksense_receiver.py
+	$(BIN)/yamllint --strict .
+	$(BIN)/ansible-lint
 
 unit: venv
 	$(BIN)/pytest -q tests
 
-test: lint unit
+images:
+	scripts/build-images.sh
+
+molecule: venv images
+	set -e; for scenario in $(SCENARIOS); do \
+		echo "=== molecule test -s $$scenario"; \
+		$(BIN)/molecule test -s $$scenario; \
+	done
+
+test: lint unit molecule
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
