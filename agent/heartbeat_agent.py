@@ -23,6 +23,7 @@ Exit codes:
     0   stopped by SIGTERM/SIGINT; --once succeeded; --check-config found the config valid
     1   --once: the heartbeat failed
     64  the command line could not be parsed (EX_USAGE)
+    70  internal error: the loop crashed (EX_SOFTWARE); systemd restarts it
     78  a setting is invalid, or the server belongs to another id (EX_CONFIG); do not restart
 
 Needs Python 3.6+ and requests 2.25+; nothing else.
@@ -75,6 +76,7 @@ SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggin
 EX_OK = 0
 EX_FAILED = 1
 EX_USAGE = 64
+EX_SOFTWARE = 70
 EX_CONFIG = 78
 
 STATUS_HINTS = {
@@ -840,7 +842,10 @@ def run_daemon(agent, notifier):
             agent.run()
         except ConfigError as error:
             outcome["config_error"] = error
-            agent.stop.set()
+        except Exception:  # a bug: say so, and let systemd's Restart=on-failure restart us
+            log.exception("the heartbeat loop stopped on an unexpected error")
+            outcome["crashed"] = True
+        agent.stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.stop.set())
@@ -854,6 +859,8 @@ def run_daemon(agent, notifier):
     worker.join(0.5)
     if "config_error" in outcome:
         return fail("config error: {}".format(outcome["config_error"]), EX_CONFIG)
+    if "crashed" in outcome:
+        return EX_SOFTWARE
     log.info("stopping")
     return EX_OK
 

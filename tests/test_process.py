@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -184,3 +185,19 @@ def test_a_server_id_mismatch_in_token_mode_exits_78(server):
     _, err = process.communicate(timeout=10)
     assert process.returncode == 78
     assert "server_id is 42 but the API token belongs to server 7" in err
+
+
+def test_a_crashed_loop_exits_70_so_systemd_restarts_it(agent_module, make_agent, server):
+    agent = make_agent(server.url)
+    agent.stop = threading.Event()
+
+    def crash():
+        raise RuntimeError("a bug")
+
+    agent.run = crash
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert agent_module.run_daemon(agent, agent_module.Notifier({})) == 70
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
