@@ -1,0 +1,908 @@
+#!/usr/bin/env python3
+"""Deploy-at-scale benchmark: playbooks/deploy.yml against bench/baseline.yml on N containers.
+
+For each N and each variant (the role or the baseline, with some settings) it starts N fresh
+debian12 containers (systemd as PID 1, podman, like molecule/shared/create.yml), then times
+three runs of the playbook on them:
+
+  first    the first deploy on fresh hosts
+  rerun    the same run again (idempotent: must report changed=0)
+  upgrade  a rolling upgrade to an agent whose AGENT_VERSION line differs
+
+and, for each run, samples the controller's memory every 0.2 s: the sum of VmRSS (and of
+Pss, which counts pages shared by the forked workers once) over ansible-playbook and every
+process below it (workers, podman exec/cp). The profile_tasks callback is on for every run;
+its per-task times are stored with the result. Every result records /proc/loadavg before and
+after the run: the machine is shared.
+
+    PATH=$PWD/.venv/bin:$PATH python bench/deploy_scale.py run --n 1 5 [--apt seeded]
+    python bench/deploy_scale.py run --n 20 --variants role-forks5 baseline-forks5
+    python bench/deploy_scale.py report [--plot docs/deploy_scale.png]
+    python bench/deploy_scale.py cleanup
+
+--apt seeded (default) uses an image derived from localhost/stacksense-test:debian12 whose
+apt lists are fresh and whose /var/cache/apt/archives holds python3-requests and its
+dependencies (not installed), so the apt task installs without touching the network: the
+figures are Ansible's and the role's own cost. --apt network uses the stock image (no apt
+lists): every host runs apt-get update and downloads the packages from deb.debian.org.
+
+Results are appended to build/deploy_scale/results.jsonl; logs go to build/deploy_scale/logs.
+Containers are named stacksense-bench-NN; the receiver listens on 0.0.0.0:18290. Both are
+removed when a run ends (also on Ctrl-C); `cleanup` removes leftovers (only those names).
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+WORK = ROOT / "build" / "deploy_scale"
+LOGS = WORK / "logs"
+RESULTS = WORK / "results.jsonl"
+CONTAINERS_CONF = ROOT / "molecule" / "containers.conf"
+
+STOCK_IMAGE = "localhost/stacksense-test:debian12"
+SEEDED_IMAGE = "localhost/stacksense-bench:debian12-aptseed"
+PREFIX = "stacksense-bench-"
+LABEL = "stacksense.bench=deploy_scale"
+RECEIVER_PORT = 18290
+UPGRADE_VERSION = "1.0.1+bench"
+SAMPLE_EVERY = 0.2
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+ALL_IN_ONE_BATCH = {"stacksense_serial": ["100%"]}
+PLAYBOOKS = {"role": Path("playbooks") / "deploy.yml", "baseline": Path("bench") / "baseline.yml"}
+TREE_PARTS = ["ansible.cfg", "agent", "roles", "playbooks"]
+
+
+def variant(playbook, serial=ALL_IN_ONE_BATCH, env=None, note="", conn="podman", patch=None):
+    return {"playbook": playbook, "extra": serial, "env": env or {}, "note": note, "conn": conn,
+            "patch": patch}
+
+
+# name -> how to run it. "role"/"baseline" are the fair pair (one batch, forks 25).
+VARIANTS = {
+    "baseline": variant("baseline", note="all hosts in one batch, forks 25"),
+    "role": variant("role", note="all hosts in one batch, forks 25"),
+    "baseline-rolling": variant("baseline", serial=None, note="default serial [1, '25%']"),
+    "role-rolling": variant("role", serial=None, note="default serial [1, '25%']"),
+    "baseline-forks5": variant("baseline", env={"ANSIBLE_FORKS": "5"}, note="forks 5"),
+    "role-forks5": variant("role", env={"ANSIBLE_FORKS": "5"}, note="forks 5"),
+    "role-free": variant("role", env={"ANSIBLE_STRATEGY": "free"}, note="strategy free"),
+    "role-factcache": variant("role", env={
+        "ANSIBLE_CACHE_PLUGIN": "ansible.builtin.jsonfile",
+        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(WORK / "factcache"),
+        "ANSIBLE_CACHE_PLUGIN_TIMEOUT": "86400"}, note="jsonfile fact cache"),
+    "role-interp": variant("role", env={"ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3"},
+                           note="interpreter set, no discovery"),
+    "role-noverify": variant("role", serial={**ALL_IN_ONE_BATCH, "stacksense_verify": False},
+                             note="stacksense_verify=false"),
+    # Over SSH (sshd in the containers, reached at their podman bridge address), as on real
+    # hosts: ControlPersist (Ansible's default ssh_args) and pipelining as in ansible.cfg.
+    "baseline-ssh": variant("baseline", conn="ssh", note="ssh, pipelining on"),
+    "role-ssh": variant("role", conn="ssh", note="ssh, pipelining on"),
+    "baseline-ssh-nopipe": variant("baseline", conn="ssh", env={"ANSIBLE_PIPELINING": "False"},
+                                   note="ssh, pipelining off"),
+    "role-ssh-nopipe": variant("role", conn="ssh", env={"ANSIBLE_PIPELINING": "False"},
+                               note="ssh, pipelining off"),
+    "role-ssh-forks5": variant("role", conn="ssh", env={"ANSIBLE_FORKS": "5"},
+                               note="ssh, pipelining on, forks 5"),
+    # The role with bench/role_lean.patch applied (a prototype of the fixes that
+    # docs/DEPLOY_BENCHMARKS.md proposes; made against commit 1f95a7b).
+    "role-lean": variant("role", patch="bench/role_lean.patch",
+                         note="role + bench/role_lean.patch, one batch, forks 25"),
+    "role-lean-ssh": variant("role", conn="ssh", patch="bench/role_lean.patch",
+                             note="role + bench/role_lean.patch, ssh, pipelining on"),
+}
+PHASES = ("first", "rerun", "upgrade")
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg():
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
+def podman(*args, check=True, capture=True, timeout=300):
+    env = dict(os.environ, CONTAINERS_CONF=str(CONTAINERS_CONF))
+    return subprocess.run(["podman", *args], env=env, check=check, timeout=timeout,
+                          stdout=subprocess.PIPE if capture else None,
+                          stderr=subprocess.PIPE if capture else None, text=True)
+
+
+# --- images and containers -------------------------------------------------------------------
+
+def ensure_seeded_image():
+    if podman("image", "exists", SEEDED_IMAGE, check=False).returncode == 0:
+        return
+    log(f"building {SEEDED_IMAGE} (apt lists + python3-requests .debs, not installed)")
+    name = PREFIX + "seed"
+    podman("rm", "-f", "-t", "0", name, check=False)
+    podman("run", "--name", name, "--label", LABEL, STOCK_IMAGE, "sh", "-euc",
+           "apt-get -q update >/dev/null; apt-get -qy --download-only install python3-requests "
+           ">/dev/null; ls /var/cache/apt/archives/*.deb")
+    podman("commit", "--quiet", name, SEEDED_IMAGE)
+    podman("rm", "-f", name)
+
+
+def ssh_key():
+    key = WORK / "ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "deploy_scale",
+                        "-f", str(key)], check=True)
+    return key
+
+
+def ensure_ssh_image(base):
+    """`base` plus openssh-server and root's authorized key (this benchmark's own key)."""
+    image = base + "-ssh"
+    if podman("image", "exists", image, check=False).returncode == 0:
+        return image
+    log(f"building {image} (openssh-server, root key)")
+    name = PREFIX + "seed-ssh"
+    podman("rm", "-f", "-t", "0", name, check=False)
+    pub = ssh_key().with_suffix(".pub")
+    podman("run", "--name", name, "--label", LABEL, "-v", f"{pub}:/tmp/key.pub:ro,Z", base,
+           "sh", "-euc", "DEBIAN_FRONTEND=noninteractive apt-get -qy install openssh-server "
+           ">/dev/null; install -d -m 0700 /root/.ssh; "
+           "install -m 0600 /tmp/key.pub /root/.ssh/authorized_keys")
+    podman("commit", "--quiet", name, image)
+    podman("rm", "-f", name)
+    return image
+
+
+def our_containers():
+    out = podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}").stdout
+    return [n for n in out.split() if n.startswith(PREFIX)]
+
+
+def remove_containers(names=None):
+    names = our_containers() if names is None else names
+    if names:
+        podman("rm", "-f", "-t", "0", *names, check=False, timeout=600)
+
+
+def start_containers(n, image, seeded, ssh=False):
+    names = [f"{PREFIX}{i:02d}" for i in range(1, n + 1)]
+    for name in names:
+        exists = podman("container", "exists", name, check=False).returncode == 0
+        if exists:
+            labels = podman("inspect", "--format", "{{json .Config.Labels}}", name).stdout
+            if '"stacksense.bench":"deploy_scale"' not in labels.replace(" ", ""):
+                raise SystemExit(f"{name} exists and was not created by this benchmark")
+            podman("rm", "-f", "-t", "0", name)
+    for i, name in enumerate(names, 1):
+        podman("run", "-d", "--name", name, "--hostname", f"bench-{i:02d}", "--label", LABEL,
+               "--systemd=always", "--cap-add", "SYS_ADMIN",
+               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+               image, "/sbin/init")
+    deadline = time.monotonic() + 600  # 20 containers on 2 busy cores can take minutes
+    for name in names:
+        while True:
+            state = podman("exec", name, "systemctl", "is-system-running", check=False).stdout
+            if state.strip() in ("running", "degraded"):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not boot: {state.strip()!r}")
+            time.sleep(0.5)
+        if seeded:  # apt's cache_valid_time looks at this stamp: lists count as fresh
+            podman("exec", name, "sh", "-c", "mkdir -p /var/lib/apt/periodic && "
+                   "touch /var/lib/apt/periodic/update-success-stamp /var/lib/apt/lists")
+        if ssh:
+            podman("exec", name, "systemctl", "start", "ssh.service")
+    return names
+
+
+def addresses(names):
+    return [podman("inspect", "--format", "{{.NetworkSettings.IPAddress}}", name).stdout.strip()
+            for name in names]
+
+
+def cpu_files(names):
+    """Each container's CPU usage counter (cgroup v1 cpuacct.usage in ns, or v2 cpu.stat)."""
+    files = []
+    for name in names:
+        path = podman("inspect", "--format", "{{.State.CgroupPath}}", name).stdout.strip()
+        for candidate in (f"/sys/fs/cgroup/cpuacct{path}/cpuacct.usage",
+                          f"/sys/fs/cgroup{path}/cpu.stat"):
+            if os.path.exists(candidate):
+                files.append(candidate)
+                break
+    return files
+
+
+def hosts_cpu_s(files):
+    """Total CPU seconds used so far inside the containers (modules, apt, systemd, agent)."""
+    total = 0.0
+    for path in files:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        if path.endswith("cpuacct.usage"):
+            total += int(text) / 1e9
+        else:
+            total += int(re.search(r"^usage_usec (\d+)", text, re.M)[1]) / 1e6
+    return total
+
+
+# --- receiver --------------------------------------------------------------------------------
+
+class Receiver:
+    def __init__(self):
+        self.process = None
+
+    def start(self):
+        WORK.mkdir(parents=True, exist_ok=True)
+        with open(WORK / "receiver.log", "a") as logfile:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
+                 "--listen", f"0.0.0.0:{RECEIVER_PORT}", "--accept-any"],
+                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(50):
+            try:
+                self.status()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit(f"receiver did not start on port {RECEIVER_PORT} (see receiver.log)")
+
+    def status(self):
+        url = f"http://127.0.0.1:{RECEIVER_PORT}/api/status/"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)
+
+    def versions(self):
+        data = self.status()
+        servers = data.get("servers", data) if isinstance(data, dict) else data
+        return {int(s["id"]): s.get("agent_version") for s in servers}
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
+
+
+# --- memory sampling -------------------------------------------------------------------------
+
+def process_tree(root):
+    children = defaultdict(list)
+    comms = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        close = stat.rfind(")")
+        comms[int(entry)] = stat[stat.find("(") + 1:close]
+        children[int(stat[close + 2:].split()[1])].append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in comms:
+            tree.append((pid, comms[pid]))
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def rss_pss_kib(pid):
+    rss = pss = 0
+    try:
+        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss, pss
+
+
+class MemorySampler(threading.Thread):
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.done = pid, threading.Event()
+        self.peak = {"rss_kib": 0, "pss_kib": 0, "procs": 0, "ansible_rss_kib": 0,
+                     "ansible_pss_kib": 0, "samples": 0}
+
+    def run(self):
+        while not self.done.is_set():
+            rss = pss = a_rss = a_pss = 0
+            tree = process_tree(self.pid)
+            for pid, comm in tree:
+                r, p = rss_pss_kib(pid)
+                rss, pss = rss + r, pss + p
+                if not comm.startswith("podman"):
+                    a_rss, a_pss = a_rss + r, a_pss + p
+            peak = self.peak
+            peak["samples"] += 1
+            for key, value in (("rss_kib", rss), ("pss_kib", pss), ("procs", len(tree)),
+                               ("ansible_rss_kib", a_rss), ("ansible_pss_kib", a_pss)):
+                peak[key] = max(peak[key], value)
+            self.done.wait(SAMPLE_EVERY)
+
+
+# --- one playbook run ------------------------------------------------------------------------
+
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
+                   r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
+PROFILE_LINE = re.compile(r"^(.*?)\s-{2,}\s+(\d+\.\d+)s\s*$")
+
+
+def parse_profile(text):
+    """profile_tasks' summary: [(task name, seconds)] in execution order."""
+    marker = text.rfind("=" * 40)
+    rows = []
+    if marker >= 0:
+        for line in text[marker:].splitlines()[1:]:
+            match = PROFILE_LINE.match(line)
+            if match:
+                rows.append((match.group(1).strip(), float(match.group(2))))
+    return rows
+
+
+def snapshot(rev):
+    """A frozen copy of the role, playbooks, agent and ansible.cfg to benchmark.
+
+    Others edit the role while this runs, so the benchmark never runs the working tree
+    directly: `rev` is a git revision (extracted with git archive) or "worktree" (a copy of
+    the files as they are now). bench/baseline.yml and its template are copied in as well.
+    Returns (directory, label).
+    """
+    if rev == "worktree":
+        label = "worktree " + time.strftime("%Y-%m-%dT%H:%M:%S") + " on " + subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+            capture_output=True, text=True).stdout.strip()
+        tree = WORK / ("tree-worktree-" + time.strftime("%Y%m%d%H%M%S"))
+        tree.mkdir(parents=True)
+        for part in TREE_PARTS:
+            src = ROOT / part
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tree / part)
+    else:
+        sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        label, tree = f"commit {sha}", WORK / f"tree-{sha}"
+        if not tree.exists():
+            tree.mkdir(parents=True)
+            archive = subprocess.run(["git", "archive", sha, *TREE_PARTS], cwd=ROOT, check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    shutil.rmtree(tree / "bench", ignore_errors=True)
+    (tree / "bench").mkdir()
+    shutil.copy2(ROOT / "bench" / "baseline.yml", tree / "bench")
+    shutil.copytree(ROOT / "bench" / "templates", tree / "bench" / "templates")
+    return tree, label
+
+
+def patched(tree, patch):
+    """A copy of `tree` with `patch` (made with diff -ruN a/roles b/roles) applied."""
+    target = tree.parent / f"{tree.name}-{Path(patch).stem}"
+    if not target.exists():
+        shutil.copytree(tree, target)
+        subprocess.run(["patch", "--quiet", "-p1", "-d", str(target), "-i", str(ROOT / patch)],
+                       check=True)
+    return target
+
+
+def run_playbook(tag, tree, inventory, spec, extra_vars, cgroups=()):
+    cmd = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory),
+           str(PLAYBOOKS[spec["playbook"]])]
+    extra = dict(spec["extra"] or {}, **extra_vars)
+    if extra:
+        cmd += ["-e", json.dumps(extra)]
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+               CONTAINERS_CONF=str(CONTAINERS_CONF), ANSIBLE_CONFIG=str(tree / "ansible.cfg"),
+               ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks",
+               PROFILE_TASKS_SORT_ORDER="none", PROFILE_TASKS_TASK_OUTPUT_LIMIT="200",
+               ANSIBLE_NOCOLOR="1", NO_COLOR="1")
+    env.update(spec["env"])
+    LOGS.mkdir(parents=True, exist_ok=True)
+    logpath = LOGS / f"{tag}.log"
+    before = loadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hosts_before = hosts_cpu_s(cgroups)
+    start = time.monotonic()
+    with open(logpath, "w") as out:
+        out.write("$ " + " ".join(cmd) + "\n# env: " + json.dumps(spec["env"]) + "\n")
+        out.flush()
+        process = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
+        sampler = MemorySampler(process.pid)
+        sampler.start()
+        try:
+            rc = process.wait()
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+        wall = time.monotonic() - start
+        sampler.done.set()
+        sampler.join()
+    # CPU of ansible-playbook and every process it waited for (workers, podman exec/cp):
+    # less sensitive to the other tenants' load than the wall time.
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hosts_cpu = hosts_cpu_s(cgroups) - hosts_before
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    text = logpath.read_text()
+    recap = RECAP.findall(text)
+    return {"wall_s": round(wall, 2), "controller_cpu_s": round(cpu, 2),
+            "hosts_cpu_s": round(hosts_cpu, 2), "rc": rc,
+            "loadavg_before": before, "loadavg_after": loadavg(),
+            "hosts": len(recap), "changed": sum(int(r[2]) for r in recap),
+            "hosts_changed": sum(1 for r in recap if int(r[2]) > 0),
+            "failed": sum(int(r[4]) + int(r[3]) for r in recap),
+            "mem": sampler.peak, "profile": parse_profile(text),
+            "log": str(logpath.relative_to(ROOT))}
+
+
+def write_inventory(names, conn="podman"):
+    targets = addresses(names) if conn == "ssh" else names
+    hosts = {f"bench-{i:02d}": {"ansible_host": target, "stacksense_server_id": i}
+             for i, target in enumerate(targets, 1)}
+    group_vars = {"stacksense_api_url": f"http://host.containers.internal:{RECEIVER_PORT}"}
+    if conn == "ssh":
+        group_vars.update(
+            ansible_connection="ssh", ansible_user="root",
+            ansible_ssh_private_key_file=str(ssh_key()),
+            ansible_ssh_common_args="-o StrictHostKeyChecking=no "
+                                    "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+    else:
+        group_vars["ansible_connection"] = "containers.podman.podman"
+    inventory = {"all": {"children": {"stacksense_agents": {"hosts": hosts, "vars": group_vars}}}}
+    path = WORK / f"inventory-{conn}-{len(names)}.json"
+    path.write_text(json.dumps(inventory, indent=1))  # JSON is YAML
+    return path
+
+
+def upgrade_agent(tree):
+    source = (tree / "agent" / "heartbeat_agent.py").read_text()
+    new, count = re.subn(r'^AGENT_VERSION = "[^"]+"', f'AGENT_VERSION = "{UPGRADE_VERSION}"',
+                         source, count=1, flags=re.M)
+    if count != 1:
+        raise SystemExit("no AGENT_VERSION line in agent/heartbeat_agent.py")
+    path = WORK / "heartbeat_agent_upgrade.py"
+    path.write_text(new)
+    return path
+
+
+def wait_versions(receiver, n, version, timeout=60):
+    """Seconds until every server id 1..n reported `version` (not part of the timed runs)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            seen = receiver.versions()
+        except OSError:
+            seen = {}
+        if all(seen.get(i) == version for i in range(1, n + 1)):
+            return True
+        time.sleep(1)
+    return False
+
+
+def wait_for_quiet(max_load, max_wait):
+    """Wait (at most max_wait s) until the 1-minute load average is below max_load."""
+    deadline = time.monotonic() + max_wait
+    while float(loadavg()[0]) >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+
+
+def bench(args):
+    WORK.mkdir(parents=True, exist_ok=True)
+    seeded = args.apt == "seeded"
+    if seeded:
+        ensure_seeded_image()
+    image = SEEDED_IMAGE if seeded else STOCK_IMAGE
+    ssh_image = None
+    if any(VARIANTS[name]["conn"] == "ssh" for name in args.variants):
+        if not seeded:
+            raise SystemExit("the ssh variants need --apt seeded")
+        ssh_image = ensure_ssh_image(image)
+    tree, tree_label = snapshot(args.tree)
+    log(f"benchmarking {tree_label} from {tree}")
+    upgrade = upgrade_agent(tree)
+    original_version = re.search(r'^AGENT_VERSION = "([^"]+)"',
+                                 (tree / "agent" / "heartbeat_agent.py").read_text(), re.M)[1]
+    receiver = Receiver()
+    receiver.start()
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for rep in range(args.reps):
+            for n in args.n:
+                # Alternate the order of the variants from one N to the next, so that a drift
+                # in the machine's load does not always favour the same one.
+                order = list(args.variants)
+                if (args.n.index(n) + rep) % 2:
+                    order.reverse()
+                for name in order:
+                    if name.endswith("-rolling") and n == 1:
+                        continue  # one host: identical to the one-batch run
+                    spec = dict(VARIANTS[name])
+                    ssh = spec["conn"] == "ssh"
+                    if ssh:
+                        # Fresh ControlPersist sockets per set of containers (addresses are
+                        # reused by podman).
+                        spec["env"] = dict(spec["env"], ANSIBLE_SSH_CONTROL_PATH_DIR=str(
+                            WORK / "cp" / f"{name}-{n}-{rep}-{int(time.time())}"))
+                    if "ANSIBLE_CACHE_PLUGIN_CONNECTION" in spec["env"]:
+                        shutil.rmtree(spec["env"]["ANSIBLE_CACHE_PLUGIN_CONNECTION"],
+                                      ignore_errors=True)
+                    log(f"N={n} {name} rep {rep}: starting {n} containers ({args.apt})")
+                    names = start_containers(n, ssh_image if ssh else image, seeded, ssh)
+                    inventory = write_inventory(names, spec["conn"])
+                    cgroups = cpu_files(names)
+                    time.sleep(args.settle)
+                    for phase in PHASES:
+                        wait_for_quiet(args.max_load, args.max_wait)
+                        extra = ({"stacksense_agent_source": str(upgrade)}
+                                 if phase == "upgrade" else {})
+                        tag = f"{args.apt}-{name}-N{n}-r{rep}-{phase}"
+                        result = run_playbook(tag, patched(tree, spec["patch"]) if spec["patch"]
+                                              else tree, inventory, spec, extra, cgroups)
+                        expect = UPGRADE_VERSION if phase == "upgrade" else original_version
+                        result["heartbeats_ok"] = wait_versions(receiver, n, expect)
+                        result.update(apt=args.apt, variant=name, n=n, rep=rep, phase=phase,
+                                      tree=tree_label,
+                                      date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      note=spec["note"])
+                        with open(args.results, "a") as out:
+                            out.write(json.dumps(result) + "\n")
+                        mem = result["mem"]
+                        log(f"N={n} {name} {phase}: {result['wall_s']} s "
+                            f"cpu={result['controller_cpu_s']}+{result['hosts_cpu_s']} s "
+                            f"rc={result['rc']} "
+                            f"changed={result['changed']} failed={result['failed']} "
+                            f"rss={mem['rss_kib'] // 1024} MiB pss={mem['pss_kib'] // 1024} MiB "
+                            f"procs={mem['procs']} load={result['loadavg_before'][0]}->"
+                            f"{result['loadavg_after'][0]} beats_ok={result['heartbeats_ok']}")
+                    remove_containers(names)
+    finally:
+        receiver.stop()
+        remove_containers()
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def load_results(path):
+    with open(path) as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if r["rc"] == 0]
+
+
+class Results:
+    def __init__(self, rows):
+        self.rows = rows
+        self.groups = defaultdict(list)
+        for r in rows:
+            self.groups[(r["apt"], r["variant"], r["n"], r["phase"])].append(r)
+
+    def get(self, apt, var, n, phase):
+        return self.groups.get((apt, var, n, phase), [])
+
+    def wall(self, *key):
+        found = self.get(*key)
+        return statistics.median(r["wall_s"] for r in found) if found else None
+
+    def cpu(self, *key):
+        """Median CPU seconds, controller plus hosts (the work, whatever the load)."""
+        found = [r for r in self.get(*key) if "hosts_cpu_s" in r]
+        return (statistics.median(r["controller_cpu_s"] + r["hosts_cpu_s"] for r in found)
+                if found else None)
+
+    def mem(self, key_name, *key):
+        found = self.get(*key)
+        return max(r["mem"][key_name] for r in found) / 1024 if found else None
+
+    def loads(self, *key):
+        found = self.get(*key)
+        return ", ".join(r["loadavg_before"][0] for r in found) or "-"
+
+    def ns(self, apt, var):
+        return sorted({r["n"] for r in self.rows if r["apt"] == apt and r["variant"] == var})
+
+
+def slope(points):
+    """Least-squares slope (s per host) and intercept of [(n, seconds)]."""
+    points = [(x, y) for x, y in points if y is not None]
+    if len({x for x, _ in points}) < 2:
+        return None, None
+    xs, ys = zip(*points)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+         / sum((x - mx) ** 2 for x in xs))
+    return b, my - b * mx
+
+
+def fmt(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(a, b):
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def pair_table(res, apt, base, var, out):
+    """Wall time, CPU work and memory of `var` against `base` at each N."""
+    ns = sorted(set(res.ns(apt, var)) & set(res.ns(apt, base)))
+    if not ns:
+        return
+    out.append(f"\nWall time (s, median of the repetitions) and ratio {var} / {base}:\n")
+    out.append("| N | " + " | ".join(f"{p}: {base} / {var} / ratio" for p in PHASES)
+               + f" | 1-min load at start ({var} first; {base} first) |")
+    out.append("|---|---|---|---|---|")
+    for n in ns:
+        cells = []
+        for p in PHASES:
+            b, v = res.wall(apt, base, n, p), res.wall(apt, var, n, p)
+            cells.append(f"{fmt(b)} / {fmt(v)} / **{ratio(v, b)}**")
+        out.append(f"| {n} | " + " | ".join(cells)
+                   + f" | {res.loads(apt, var, n, 'first')}; {res.loads(apt, base, n, 'first')} |")
+    out.append("\nCPU seconds (controller + containers; much less sensitive to the other "
+               "tenants' load) and peak controller memory (MiB):\n")
+    out.append("| N | " + " | ".join(f"CPU {p}: {base} / {var} / ratio" for p in PHASES)
+               + f" | peak RSS / PSS, {var} | peak RSS / PSS, {base} |")
+    out.append("|---|---|---|---|---|---|")
+    for n in ns:
+        cells = []
+        for p in PHASES:
+            b, v = res.cpu(apt, base, n, p), res.cpu(apt, var, n, p)
+            cells.append(f"{fmt(b)} / {fmt(v)} / {ratio(v, b)}")
+
+        def mem(name, n=n):
+            rss = max((res.mem("rss_kib", apt, name, n, p) or 0) for p in PHASES)
+            pss = max((res.mem("pss_kib", apt, name, n, p) or 0) for p in PHASES)
+            return f"{rss:.0f} / {pss:.0f}"
+        out.append(f"| {n} | " + " | ".join(cells) + f" | {mem(var)} | {mem(base)} |")
+
+
+def report(args):
+    res = Results(load_results(args.results))
+    out = []
+    trees = sorted({r.get("tree", "?") for r in res.rows})
+    dates = sorted(r["date"] for r in res.rows)
+    out.append(f"Role benchmarked: {', '.join(trees)}; runs from {dates[0]} to {dates[-1]}; "
+               f"{len(res.rows)} successful runs.")
+    for apt in sorted({r["apt"] for r in res.rows}):
+        out.append(f"\n## apt {apt}")
+        pair_table(res, apt, "baseline", "role", out)
+        ns = res.ns(apt, "role")
+        out.append(f"\nMarginal cost per host: least-squares slope of the median wall time over "
+                   f"N = {', '.join(map(str, ns))} (intercept in brackets), and of the CPU "
+                   f"seconds:\n")
+        out.append("| variant | " + " | ".join(f"{p} wall | {p} CPU" for p in PHASES) + " |")
+        out.append("|---|---|---|---|---|---|---|")
+        for var in ("baseline", "role", "baseline-rolling", "role-rolling"):
+            cells = []
+            for p in PHASES:
+                b, a = slope([(n, res.wall(apt, var, n, p)) for n in res.ns(apt, var)])
+                c, _ = slope([(n, res.cpu(apt, var, n, p)) for n in res.ns(apt, var)])
+                cells.append("-" if b is None else f"{b:.2f} s/host ({a:.1f} s)")
+                cells.append("-" if c is None else f"{c:.2f} s/host")
+            if any(c != "-" for c in cells):
+                out.append(f"| {var} | " + " | ".join(cells) + " |")
+        for base, var in (("baseline-ssh", "role-ssh"), ("role", "role-rolling"),
+                          ("baseline", "baseline-rolling"), ("role", "role-forks5"),
+                          ("baseline", "baseline-forks5"), ("role", "role-free"),
+                          ("role", "role-factcache"), ("role", "role-interp"),
+                          ("role", "role-noverify"), ("role", "role-ssh"),
+                          ("role-ssh", "role-ssh-nopipe"),
+                          ("baseline-ssh", "baseline-ssh-nopipe"),
+                          ("role-ssh", "role-ssh-forks5"), ("baseline", "role-lean"),
+                          ("role", "role-lean"), ("baseline-ssh", "role-lean-ssh"),
+                          ("role-ssh", "role-lean-ssh")):
+            if res.ns(apt, var):
+                out.append(f"\n### {var} ({VARIANTS[var]['note']}) against {base} "
+                           f"({VARIANTS[base]['note']})")
+                pair_table(res, apt, base, var, out)
+    if args.profile:
+        apt, n = args.profile.split(":")
+        n = int(n)
+        for phase in PHASES:
+            out.append(f"\nprofile_tasks, apt {apt}, N={n}, {phase}: seconds per task (all hosts), "
+                       "median over the repetitions, execution order:\n")
+            for var in args.profile_variants:
+                found = res.get(apt, var, n, phase)
+                if not found:
+                    continue
+                per_task = defaultdict(list)
+                for r in found:
+                    for name, secs in r["profile"]:
+                        per_task[name].append(secs)
+                order = [name for name, _ in found[0]["profile"]]
+                total = sum(statistics.median(per_task[t]) for t in order)
+                out.append(f"{var} (sum {total:.1f} s, median wall "
+                           f"{res.wall(apt, var, n, phase):.1f} s)")
+                out.extend(f"  {statistics.median(per_task[t]):6.2f}  {t}" for t in order
+                           if statistics.median(per_task[t]) >= args.profile_min)
+    if args.explain:
+        explain(res, args.explain, out)
+    print("\n".join(out))
+    if args.plot:
+        plot(res, args.plot)
+
+
+# Role tasks that do on each host what a baseline task does too (the rest of the role's host
+# tasks are its own probes, checks and clean-ups).
+SAME_AS_BASELINE = {
+    "Install the agent's packages": "Install python3-requests",
+    "Create the install directory": "Create the install directory",
+    "Install the agent": "Install the agent",
+    "Install the systemd unit": "Install the systemd unit",
+    "Restart stacksense-agent": "Restart stacksense-agent",
+    "Enable and start stacksense-agent": "Enable and start stacksense-agent",
+}
+
+
+def host_task_min_s(n):
+    """Below this (all n hosts together) a task ran on the controller only, or was skipped: a
+    task that reaches the hosts takes at least ~0.6 s per host here (several podman execs)."""
+    return max(0.3, 0.1 * n)
+
+
+def explain(res, spec, out):
+    """Where the role's extra seconds go: per task, against the baseline's matching task."""
+    apt, n = spec.split(":")
+    n = int(n)
+    for phase in PHASES:
+        role_runs, base_runs = res.get(apt, "role", n, phase), res.get(apt, "baseline", n, phase)
+        if not role_runs or not base_runs:
+            continue
+
+        def medians(runs):
+            per = defaultdict(list)
+            for r in runs:
+                for name, secs in r["profile"]:
+                    per[name.split(" : ", 1)[-1]].append(secs)
+            return {name: statistics.median(v) for name, v in per.items()}
+        role, base = medians(role_runs), medians(base_runs)
+        wall_r, wall_b = res.wall(apt, "role", n, phase), res.wall(apt, "baseline", n, phase)
+        out.append(f"\nWhere the role's extra {wall_r - wall_b:.1f} s go (apt {apt}, N={n}, "
+                   f"{phase}; role {wall_r:.1f} s, baseline {wall_b:.1f} s; medians; "
+                   f"seconds are for all {n} hosts together):\n")
+        out.append("| role task | role (s) | baseline task (s) | extra (s) |")
+        out.append("|---|---|---|---|")
+        controller = 0.0
+        controller_tasks = 0
+        total_extra = 0.0
+        for name, secs in role.items():
+            twin = SAME_AS_BASELINE.get(name)
+            if twin is None and secs < host_task_min_s(n):
+                controller += secs
+                controller_tasks += 1
+                continue
+            b = base.get(twin, 0.0) if twin else 0.0
+            total_extra += secs - b
+            out.append(f"| {name} | {secs:.2f} | {f'{b:.2f}' if twin else '-'} | "
+                       f"{secs - b:+.2f} |")
+        out.append(f"| {controller_tasks} tasks on the controller or skipped (checks, set_fact, "
+                   f"debug, ...) | "
+                   f"{controller:.2f} | - | {controller:+.2f} |")
+        rest = (wall_r - sum(role.values())) - (wall_b - sum(base.values()))
+        out.append(f"| start-up and play overhead outside tasks | - | - | {rest:+.2f} |")
+        out.append(f"| **total** | | | **{total_extra + controller + rest:+.2f}** |")
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, grid = plt.subplots(2, 3, figsize=(14, 8.2), sharex=True)
+    series = [("seeded", "baseline", "baseline.yml", "tab:blue", "-", "o"),
+              ("seeded", "role", "role (deploy.yml)", "tab:red", "-", "o"),
+              ("seeded", "role-rolling", "role, default serial [1, 25%]", "tab:orange", ":", "^"),
+              ("seeded", "baseline-ssh", "baseline.yml over ssh", "tab:blue", "--", "s"),
+              ("seeded", "role-ssh", "role over ssh", "tab:red", "--", "s"),
+              ("network", "baseline", "baseline.yml, apt from the network", "tab:cyan", "-.", "x"),
+              ("network", "role", "role, apt from the network", "tab:pink", "-.", "x")]
+    all_ns = sorted({r["n"] for r in res.rows})
+    for row, (metric, ylabel) in enumerate((("wall", "wall time (s)"),
+                                            ("cpu", "CPU s, controller + containers"))):
+        for ax, phase in zip(grid[row], PHASES):
+            for apt, var, label, color, line, marker in series:
+                ns = res.ns(apt, var)
+                if var == "role-rolling" and ns and res.get(apt, "role", 1, phase):
+                    ns = [1, *ns]  # one host: one batch either way
+
+                def source(n, var=var):
+                    return "role" if var == "role-rolling" and n == 1 else var
+                value = res.wall if metric == "wall" else res.cpu
+                pts = [(n, value(apt, source(n), n, phase)) for n in ns]
+                pts = [(n, y) for n, y in pts if y is not None]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, color=color, linestyle=line, marker=marker, label=label)
+                if metric == "wall":  # every repetition, to show the spread under load
+                    reps = [(n, r["wall_s"]) for n in ns for r in res.get(apt, source(n), n, phase)]
+                    ax.scatter([x for x, _ in reps], [y for _, y in reps], color=color, s=10,
+                               alpha=0.35)
+            if row == 0:
+                ax.set_title({"first": "first deploy", "rerun": "idempotent re-run",
+                              "upgrade": "rolling upgrade (new AGENT_VERSION)"}[phase])
+            else:
+                ax.set_xlabel("hosts (N)")
+            ax.set_ylabel(ylabel + (", median; dots: each run" if metric == "wall" else
+                                    ", median"))
+            ax.set_xticks(all_ns)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+    handles, names = grid[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("StackSense agent deploy vs number of hosts: podman containers (ssh where noted), "
+                 "forks 25, all hosts in one batch unless noted, apt cache pre-seeded unless "
+                 "noted.\nMeasured on 2 cores shared with other engineers' test runs (1-min load "
+                 "mostly 3-12): wall times are noisy, CPU seconds much less so.", fontsize=9.5)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path, dpi=90)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the benchmark (appends to the results file)")
+    run.add_argument("--n", type=int, nargs="+", default=[1, 5])
+    run.add_argument("--variants", nargs="+", default=["baseline", "role"], choices=list(VARIANTS))
+    run.add_argument("--apt", choices=["seeded", "network"], default="seeded")
+    run.add_argument("--reps", type=int, default=1)
+    run.add_argument("--results", type=Path, default=RESULTS,
+                     help=f"JSON lines to append to (default {RESULTS})")
+    run.add_argument("--tree", default="HEAD", metavar="REV|worktree",
+                     help="what to benchmark: a git revision (default HEAD) or 'worktree'")
+    run.add_argument("--max-load", type=float, default=4.0,
+                     help="before each run, wait until the 1-min load average is below this "
+                          "(default 4.0; the machine has 2 cores) ...")
+    run.add_argument("--max-wait", type=float, default=60,
+                     help="... but no longer than this many seconds (default 60)")
+    run.add_argument("--settle", type=float, default=5.0,
+                     help="seconds to wait after the containers booted (default 5)")
+    rep = sub.add_parser("report", help="print the tables (and plot) from the results")
+    rep.add_argument("--results", type=Path, default=RESULTS, help=f"default {RESULTS}")
+    rep.add_argument("--plot", metavar="PNG")
+    rep.add_argument("--profile", metavar="APT:N", help="also print profile_tasks, e.g. seeded:20")
+    rep.add_argument("--profile-variants", nargs="+", default=["baseline", "role"])
+    rep.add_argument("--explain", metavar="APT:N",
+                     help="table of the role's extra seconds per task, e.g. seeded:20")
+    rep.add_argument("--profile-min", type=float, default=0.0,
+                     help="leave out tasks that took less (seconds)")
+    sub.add_parser("cleanup", help="remove this benchmark's containers")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        bench(args)
+    elif args.command == "report":
+        report(args)
+    else:
+        remove_containers()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
