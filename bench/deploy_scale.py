@@ -765,10 +765,10 @@ def host_task_min_s(n):
 
 def explain(res, spec, out):
     """Where the role's extra seconds go: per task, against the baseline's matching task."""
-    apt, n = spec.split(":")
+    apt, n, var, base_var = ([*spec.split(":"), "role", "baseline"])[:4]
     n = int(n)
     for phase in PHASES:
-        role_runs, base_runs = res.get(apt, "role", n, phase), res.get(apt, "baseline", n, phase)
+        role_runs, base_runs = res.get(apt, var, n, phase), res.get(apt, base_var, n, phase)
         if not role_runs or not base_runs:
             continue
 
@@ -779,9 +779,9 @@ def explain(res, spec, out):
                     per[name.split(" : ", 1)[-1]].append(secs)
             return {name: statistics.median(v) for name, v in per.items()}
         role, base = medians(role_runs), medians(base_runs)
-        wall_r, wall_b = res.wall(apt, "role", n, phase), res.wall(apt, "baseline", n, phase)
-        out.append(f"\nWhere the role's extra {wall_r - wall_b:.1f} s go (apt {apt}, N={n}, "
-                   f"{phase}; role {wall_r:.1f} s, baseline {wall_b:.1f} s; medians; "
+        wall_r, wall_b = res.wall(apt, var, n, phase), res.wall(apt, base_var, n, phase)
+        out.append(f"\nWhere the extra {wall_r - wall_b:.1f} s of {var} over {base_var} go "
+                   f"(apt {apt}, N={n}, {phase}; {wall_r:.1f} s against {wall_b:.1f} s; medians; "
                    f"seconds are for all {n} hosts together):\n")
         out.append("| role task | role (s) | baseline task (s) | extra (s) |")
         out.append("|---|---|---|---|")
@@ -886,8 +886,9 @@ def main(argv=None):
     rep.add_argument("--plot", metavar="PNG")
     rep.add_argument("--profile", metavar="APT:N", help="also print profile_tasks, e.g. seeded:20")
     rep.add_argument("--profile-variants", nargs="+", default=["baseline", "role"])
-    rep.add_argument("--explain", metavar="APT:N",
-                     help="table of the role's extra seconds per task, e.g. seeded:20")
+    rep.add_argument("--explain", metavar="APT:N[:VARIANT:BASE]",
+                     help="table of the role's extra seconds per task, e.g. seeded:20 or "
+                          "seeded:20:role-ssh:baseline-ssh")
     rep.add_argument("--profile-min", type=float, default=0.0,
                      help="leave out tasks that took less (seconds)")
     sub.add_parser("cleanup", help="remove this benchmark's containers")
