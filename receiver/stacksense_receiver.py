@@ -404,14 +404,12 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
         self._status, self._query = None, parse_qs(url.query)
         route, match = find_route(url.path)
         self._server_id = self._identify(url.path)
+        self._recorded_path = url.path if route is None or not route.observer else None
         try:
             self._body = self._read_body()
             self._respond(url, route, match)
         except ApiError as exc:
             self._send_json(exc.status, {"error": exc.message}, exc.headers)
-        if route is None or not route.observer:
-            self.server.store.add_request(self.command, url.path, self._status,
-                                          self.client_address[0], self._server_id)
         self._log_request_line()
 
     def _respond(self, url, route, match):
@@ -548,6 +546,10 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, status, content_type, body, headers=None):
         self._status = status
+        if self._recorded_path is not None:
+            # Recorded before answering: a client that has its answer finds it in /api/requests/.
+            self.server.store.add_request(self.command, self._recorded_path, status,
+                                          self.client_address[0], self._server_id)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
