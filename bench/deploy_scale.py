@@ -68,9 +68,8 @@ PLAYBOOKS = {"role": Path("playbooks") / "deploy.yml", "baseline": Path("bench")
 TREE_PARTS = ["ansible.cfg", "agent", "roles", "playbooks"]
 
 
-def variant(playbook, serial=ALL_IN_ONE_BATCH, env=None, note="", conn="podman", patch=None):
-    return {"playbook": playbook, "extra": serial, "env": env or {}, "note": note, "conn": conn,
-            "patch": patch}
+def variant(playbook, serial=ALL_IN_ONE_BATCH, env=None, note="", conn="podman"):
+    return {"playbook": playbook, "extra": serial, "env": env or {}, "note": note, "conn": conn}
 
 
 # name -> how to run it. "role"/"baseline" are the fair pair (one batch, forks 25).
@@ -100,12 +99,12 @@ VARIANTS = {
                                note="ssh, pipelining off"),
     "role-ssh-forks5": variant("role", conn="ssh", env={"ANSIBLE_FORKS": "5"},
                                note="ssh, pipelining on, forks 5"),
-    # The role with bench/role_lean.patch applied (a prototype of the fixes that
-    # docs/DEPLOY_BENCHMARKS.md proposes; made against commit 1f95a7b).
-    "role-lean": variant("role", patch="bench/role_lean.patch",
-                         note="role + bench/role_lean.patch, one batch, forks 25"),
-    "role-lean-ssh": variant("role", conn="ssh", patch="bench/role_lean.patch",
-                             note="role + bench/role_lean.patch, ssh, pipelining on"),
+    "baseline-ssh-rolling": variant("baseline", serial=None, conn="ssh",
+                                    note="ssh, default serial [1, '25%']"),
+    "role-ssh-rolling": variant("role", serial=None, conn="ssh",
+                                note="ssh, default serial [1, '25%']"),
+    "baseline-ssh-forks5": variant("baseline", conn="ssh", env={"ANSIBLE_FORKS": "5"},
+                                   note="ssh, pipelining on, forks 5"),
 }
 PHASES = ("first", "rerun", "upgrade")
 
@@ -396,16 +395,6 @@ def snapshot(rev):
     return tree, label
 
 
-def patched(tree, patch):
-    """A copy of `tree` with `patch` (made with diff -ruN a/roles b/roles) applied."""
-    target = tree.parent / f"{tree.name}-{Path(patch).stem}"
-    if not target.exists():
-        shutil.copytree(tree, target)
-        subprocess.run(["patch", "--quiet", "-p1", "-d", str(target), "-i", str(ROOT / patch)],
-                       check=True)
-    return target
-
-
 def run_playbook(tag, tree, inventory, spec, extra_vars, cgroups=()):
     cmd = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory),
            str(PLAYBOOKS[spec["playbook"]])]
@@ -561,8 +550,7 @@ def bench(args):
                         extra = ({"stacksense_agent_source": str(upgrade)}
                                  if phase == "upgrade" else {})
                         tag = f"{args.apt}-{name}-N{n}-r{rep}-{phase}"
-                        result = run_playbook(tag, patched(tree, spec["patch"]) if spec["patch"]
-                                              else tree, inventory, spec, extra, cgroups)
+                        result = run_playbook(tag, tree, inventory, spec, extra, cgroups)
                         expect = UPGRADE_VERSION if phase == "upgrade" else original_version
                         result["heartbeats_ok"] = wait_versions(receiver, n, expect)
                         result.update(apt=args.apt, variant=name, n=n, rep=rep, phase=phase,
@@ -612,6 +600,11 @@ class Results:
         found = [r for r in self.get(*key) if "hosts_cpu_s" in r]
         return (statistics.median(r["controller_cpu_s"] + r["hosts_cpu_s"] for r in found)
                 if found else None)
+
+    def ctrl_cpu(self, *key):
+        """Median CPU seconds of the controller alone (what a real fleet's hosts do not share)."""
+        found = self.get(*key)
+        return statistics.median(r["controller_cpu_s"] for r in found) if found else None
 
     def mem(self, key_name, *key):
         found = self.get(*key)
@@ -677,6 +670,16 @@ def pair_table(res, apt, base, var, out):
             pss = max((res.mem("pss_kib", apt, name, n, p) or 0) for p in PHASES)
             return f"{rss:.0f} / {pss:.0f}"
         out.append(f"| {n} | " + " | ".join(cells) + f" | {mem(var)} | {mem(base)} |")
+    out.append("\nController CPU seconds alone (on real hosts the host-side work runs on the "
+               "hosts' own CPUs; the controller's is what grows with the fleet):\n")
+    out.append("| N | " + " | ".join(f"{p}: {base} / {var} / ratio" for p in PHASES) + " |")
+    out.append("|---|---|---|---|")
+    for n in ns:
+        cells = []
+        for p in PHASES:
+            b, v = res.ctrl_cpu(apt, base, n, p), res.ctrl_cpu(apt, var, n, p)
+            cells.append(f"{fmt(b)} / {fmt(v)} / {ratio(v, b)}")
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
 
 
 def report(args):
@@ -688,14 +691,19 @@ def report(args):
                f"{len(res.rows)} successful runs.")
     for apt in sorted({r["apt"] for r in res.rows}):
         out.append(f"\n## apt {apt}")
-        pair_table(res, apt, "baseline", "role", out)
-        ns = res.ns(apt, "role")
+        for base, var in (("baseline-ssh", "role-ssh"), ("baseline", "role")):
+            if res.ns(apt, var):
+                out.append(f"\n### {var} ({VARIANTS[var]['note']}) against {base} "
+                           f"({VARIANTS[base]['note']})")
+                pair_table(res, apt, base, var, out)
+        ns = sorted(set(res.ns(apt, "role")) | set(res.ns(apt, "role-ssh")))
         out.append(f"\nMarginal cost per host: least-squares slope of the median wall time over "
                    f"N = {', '.join(map(str, ns))} (intercept in brackets), and of the CPU "
                    f"seconds:\n")
         out.append("| variant | " + " | ".join(f"{p} wall | {p} CPU" for p in PHASES) + " |")
         out.append("|---|---|---|---|---|---|---|")
-        for var in ("baseline", "role", "baseline-rolling", "role-rolling"):
+        for var in ("baseline-ssh", "role-ssh", "baseline", "role", "baseline-rolling",
+                    "role-rolling"):
             cells = []
             for p in PHASES:
                 b, a = slope([(n, res.wall(apt, var, n, p)) for n in res.ns(apt, var)])
@@ -704,16 +712,14 @@ def report(args):
                 cells.append("-" if c is None else f"{c:.2f} s/host")
             if any(c != "-" for c in cells):
                 out.append(f"| {var} | " + " | ".join(cells) + " |")
-        for base, var in (("baseline-ssh", "role-ssh"), ("role", "role-rolling"),
-                          ("baseline", "baseline-rolling"), ("role", "role-forks5"),
-                          ("baseline", "baseline-forks5"), ("role", "role-free"),
-                          ("role", "role-factcache"), ("role", "role-interp"),
-                          ("role", "role-noverify"), ("role", "role-ssh"),
-                          ("role-ssh", "role-ssh-nopipe"),
-                          ("baseline-ssh", "baseline-ssh-nopipe"),
-                          ("role-ssh", "role-ssh-forks5"), ("baseline", "role-lean"),
-                          ("role", "role-lean"), ("baseline-ssh", "role-lean-ssh"),
-                          ("role-ssh", "role-lean-ssh")):
+        for base, var in (("role", "role-rolling"), ("baseline", "baseline-rolling"),
+                          ("role", "role-forks5"), ("baseline", "baseline-forks5"),
+                          ("role", "role-free"), ("role", "role-factcache"),
+                          ("role", "role-interp"), ("role", "role-noverify"), ("role", "role-ssh"),
+                          ("role-ssh", "role-ssh-nopipe"), ("baseline-ssh", "baseline-ssh-nopipe"),
+                          ("role-ssh", "role-ssh-forks5"), ("baseline-ssh", "baseline-ssh-forks5"),
+                          ("role-ssh", "role-ssh-rolling"),
+                          ("baseline-ssh", "baseline-ssh-rolling")):
             if res.ns(apt, var):
                 out.append(f"\n### {var} ({VARIANTS[var]['note']}) against {base} "
                            f"({VARIANTS[base]['note']})")
