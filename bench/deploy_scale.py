@@ -692,7 +692,7 @@ def report(args):
     for apt in sorted({r["apt"] for r in res.rows}):
         out.append(f"\n## apt {apt}")
         for base, var in (("baseline-ssh", "role-ssh"), ("baseline", "role")):
-            if res.ns(apt, var):
+            if set(res.ns(apt, var)) & set(res.ns(apt, base)):
                 out.append(f"\n### {var} ({VARIANTS[var]['note']}) against {base} "
                            f"({VARIANTS[base]['note']})")
                 pair_table(res, apt, base, var, out)
@@ -748,7 +748,7 @@ def report(args):
         explain(res, args.explain, out)
     print("\n".join(out))
     if args.plot:
-        plot(res, args.plot)
+        plot(res, args.plot, Results(load_results(args.before)) if args.before else None)
 
 
 # Role tasks that do on each host what a baseline task does too (the rest of the role's host
@@ -823,38 +823,45 @@ def explain(res, spec, out):
         out.append(f"| **total** | | | **{total_extra + controller + rest:+.2f}** |")
 
 
-def plot(res, path):
+def plot(res, path, before=None):
+    """Time and CPU against N. `before`: results of an earlier role, drawn as "role before"."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, grid = plt.subplots(2, 3, figsize=(14, 8.2), sharex=True)
-    series = [("seeded", "baseline-ssh", "baseline.yml over ssh", "tab:blue", "-", "o"),
-              ("seeded", "role-ssh", "role (deploy.yml) over ssh", "tab:red", "-", "o"),
-              ("seeded", "baseline", "baseline.yml, podman connection", "tab:cyan", "--", "s"),
-              ("seeded", "role", "role, podman connection", "tab:orange", "--", "s"),
-              ("seeded", "role-ssh-rolling", "role over ssh, default serial [1, 25%]",
-               "tab:purple", ":", "^")]
+    # (results, apt, variant, label, colour, line style (None: markers only), marker)
+    series = [(res, "seeded", "baseline-ssh", "baseline.yml over ssh", "tab:blue", "-", "o"),
+              (res, "seeded", "role-ssh", "role (deploy.yml) over ssh", "tab:red", "-", "o"),
+              (res, "seeded", "baseline", "baseline.yml, podman connection", "tab:cyan", "--",
+               "s"),
+              (res, "seeded", "role", "role, podman connection", "tab:orange", "--", "s"),
+              (res, "seeded", "role-ssh-rolling", "role over ssh, default serial [1, 25%]",
+               "tab:purple", None, "^"),
+              (res, "seeded", "role-ssh-forks5", "role over ssh, forks 5", "tab:green", None,
+               "v"),
+              (res, "seeded", "role-ssh-nopipe", "role over ssh, pipelining off", "tab:brown",
+               None, "x")]
+    if before is not None:
+        trees = ", ".join(sorted({r.get("tree", "?") for r in before.rows}))
+        series.append((before, "seeded", "role-ssh", f"role before the cuts ({trees}) over ssh",
+                       "tab:gray", "--", "D"))
     all_ns = sorted({r["n"] for r in res.rows})
     for row, (metric, ylabel) in enumerate((("wall", "wall time (s)"),
                                             ("cpu", "CPU s, controller + containers"))):
         for ax, phase in zip(grid[row], PHASES):
-            for apt, var, label, color, line, marker in series:
-                ns = res.ns(apt, var)
-                if var == "role-ssh-rolling" and ns and res.get(apt, "role-ssh", 1, phase):
-                    ns = [1, *ns]  # one host: one batch either way
-
-                def source(n, var=var):
-                    return "role-ssh" if var == "role-ssh-rolling" and n == 1 else var
-                value = res.wall if metric == "wall" else res.cpu
-                pts = [(n, value(apt, source(n), n, phase)) for n in ns]
+            for data, apt, var, label, color, line, marker in series:
+                ns = data.ns(apt, var)
+                value = data.wall if metric == "wall" else data.cpu
+                pts = [(n, value(apt, var, n, phase)) for n in ns]
                 pts = [(n, y) for n, y in pts if y is not None]
                 if not pts:
                     continue
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=color, linestyle=line, marker=marker, label=label)
-                if metric == "wall":  # every repetition, to show the spread under load
-                    reps = [(n, r["wall_s"]) for n in ns for r in res.get(apt, source(n), n, phase)]
+                ax.plot(xs, ys, color=color, linestyle=line or "none", marker=marker,
+                        label=label)
+                if metric == "wall":  # every repetition, to show the spread
+                    reps = [(n, r["wall_s"]) for n in ns for r in data.get(apt, var, n, phase)]
                     ax.scatter([x for x, _ in reps], [y for _, y in reps], color=color, s=10,
                                alpha=0.35)
             if row == 0:
@@ -901,6 +908,8 @@ def main(argv=None):
     rep = sub.add_parser("report", help="print the tables (and plot) from the results")
     rep.add_argument("--results", type=Path, default=RESULTS, help=f"default {RESULTS}")
     rep.add_argument("--plot", metavar="PNG")
+    rep.add_argument("--before", type=Path, metavar="JSONL",
+                     help="results of an earlier role, drawn on the plot as 'role before'")
     rep.add_argument("--profile", metavar="APT:N", help="also print profile_tasks, e.g. seeded:20")
     rep.add_argument("--profile-variants", nargs="+", default=["baseline", "role"])
     rep.add_argument("--explain", metavar="APT:N[:VARIANT:BASE]",
