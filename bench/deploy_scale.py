@@ -643,43 +643,34 @@ def pair_table(res, apt, base, var, out):
     ns = sorted(set(res.ns(apt, var)) & set(res.ns(apt, base)))
     if not ns:
         return
+
+    def cells(metric, n, bold=""):
+        """'base / var / ratio' for each phase, of metric(apt, variant, n, phase)."""
+        return " | ".join(f"{fmt(metric(apt, base, n, p))} / {fmt(metric(apt, var, n, p))} / "
+                          f"{bold}{ratio(metric(apt, var, n, p), metric(apt, base, n, p))}{bold}"
+                          for p in PHASES)
+
+    def mem(name, n):
+        rss = max((res.mem("rss_kib", apt, name, n, p) or 0) for p in PHASES)
+        pss = max((res.mem("pss_kib", apt, name, n, p) or 0) for p in PHASES)
+        return f"{rss:.0f} / {pss:.0f}"
+
     out.append(f"\nWall time (s, median of the repetitions) and ratio {var} / {base}:\n")
     out.append("| N | " + " | ".join(f"{p}: {base} / {var} / ratio" for p in PHASES)
                + f" | 1-min load at start ({var} first; {base} first) |")
     out.append("|---|---|---|---|---|")
-    for n in ns:
-        cells = []
-        for p in PHASES:
-            b, v = res.wall(apt, base, n, p), res.wall(apt, var, n, p)
-            cells.append(f"{fmt(b)} / {fmt(v)} / **{ratio(v, b)}**")
-        out.append(f"| {n} | " + " | ".join(cells)
-                   + f" | {res.loads(apt, var, n, 'first')}; {res.loads(apt, base, n, 'first')} |")
-    out.append("\nCPU seconds (controller + containers; much less sensitive to the other "
-               "tenants' load) and peak controller memory (MiB):\n")
+    out.extend(f"| {n} | {cells(res.wall, n, '**')} | {res.loads(apt, var, n, 'first')}; "
+               f"{res.loads(apt, base, n, 'first')} |" for n in ns)
+    out.append("\nCPU seconds (controller + containers) and peak controller memory (MiB):\n")
     out.append("| N | " + " | ".join(f"CPU {p}: {base} / {var} / ratio" for p in PHASES)
                + f" | peak RSS / PSS, {var} | peak RSS / PSS, {base} |")
     out.append("|---|---|---|---|---|---|")
-    for n in ns:
-        cells = []
-        for p in PHASES:
-            b, v = res.cpu(apt, base, n, p), res.cpu(apt, var, n, p)
-            cells.append(f"{fmt(b)} / {fmt(v)} / {ratio(v, b)}")
-
-        def mem(name, n=n):
-            rss = max((res.mem("rss_kib", apt, name, n, p) or 0) for p in PHASES)
-            pss = max((res.mem("pss_kib", apt, name, n, p) or 0) for p in PHASES)
-            return f"{rss:.0f} / {pss:.0f}"
-        out.append(f"| {n} | " + " | ".join(cells) + f" | {mem(var)} | {mem(base)} |")
+    out.extend(f"| {n} | {cells(res.cpu, n)} | {mem(var, n)} | {mem(base, n)} |" for n in ns)
     out.append("\nController CPU seconds alone (on real hosts the host-side work runs on the "
                "hosts' own CPUs; the controller's is what grows with the fleet):\n")
     out.append("| N | " + " | ".join(f"{p}: {base} / {var} / ratio" for p in PHASES) + " |")
     out.append("|---|---|---|---|")
-    for n in ns:
-        cells = []
-        for p in PHASES:
-            b, v = res.ctrl_cpu(apt, base, n, p), res.ctrl_cpu(apt, var, n, p)
-            cells.append(f"{fmt(b)} / {fmt(v)} / {ratio(v, b)}")
-        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out.extend(f"| {n} | {cells(res.ctrl_cpu, n)} |" for n in ns)
 
 
 def report(args):
