@@ -19,6 +19,44 @@ with "Authorization: Bearer <token>"), used whenever a token is configured.
 Under systemd (Type=notify) it reports READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 on
 $NOTIFY_SOCKET and keeps its state file in $STATE_DIRECTORY.
 
+Bounded in time, memory and trust (nothing the server, a proxy or a setting sends may stop
+the heartbeats):
+- Every HTTP exchange (connect, proxy CONNECT, TLS handshake, headers, body) ends at the
+  configured timeout, whatever the peer does: requests' own timeout is per read, so a guard
+  thread per exchange shuts the exchange's sockets down at the deadline (the sockets are
+  registered by the connection classes of our HTTPAdapter, a duplicate descriptor of each so
+  that TLS wrapping does not hide them). Only the DNS lookup cannot be cut short; see the
+  watchdog below. Connections are closed after every exchange: nothing is kept per beat.
+- Answers are streamed and read up to MAX_BODY_BYTES (64 KiB; a StackSense answer is a few
+  hundred bytes), never decoded beyond it (Accept-Encoding: identity); a longer body fails the
+  attempt. JSON of any shape, depth or type, Retry-After in any form and odd status lines are
+  parsed defensively; ids are compared as numbers ("7" is server 7).
+- An unexpected exception inside one beat is logged with its traceback (at most every
+  FAILURE_SUMMARY_EVERY_S, else one line) and the beat counts as failed; the loop goes on.
+  Only a bug outside the beat ends the process (exit 70).
+- Server text that reaches the logs or the state file has control characters escaped;
+  secrets (the token, a proxy password) are never printed.
+- A TLS certificate verification failure, and a 407 from the proxy, are definite failures
+  (not retried) with a hint: STACKSENSE_CA_BUNDLE, or the proxy credentials.
+- Settings are checked up front (exit 78, one line): ids are ASCII digits, the token is what a
+  Bearer token may hold (RFC 6750: A-Z a-z 0-9 - . _ ~ + / then = padding), the URL has no
+  user:password@, no empty ? or #, a valid ASCII host (write an international name in its
+  xn-- form) and port; the config and token files are regular files of bounded size (a FIFO
+  or a device is refused, never opened for a blocking read), UTF-8 JSON of any nesting.
+
+The proxy is chosen as requests chooses it (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, NO_PROXY);
+the start-up log says which one is used, its credentials redacted.
+
+Watchdog: WATCHDOG=1 is sent every WATCHDOG_USEC/2 while the loop waits, and by the guard
+thread while an exchange is in flight, but never past that exchange's deadline: a loop stuck
+anywhere (a DNS lookup that never returns, a bug) stops the pings and systemd restarts it.
+
+Signals: SIGTERM and SIGINT stop the agent (exit 0) within a second, even mid-request.
+SIGHUP re-reads the token file when the token came from one (STACKSENSE_API_TOKEN_FILE or the
+systemd credential): a valid new token is used from the next beat, which first asks the
+server whose token it is; an invalid one is refused with one log line and the old token is
+kept. Otherwise SIGHUP is logged and ignored; it never ends the agent.
+
 Exit codes:
     0   stopped by SIGTERM/SIGINT; --once succeeded; --check-config found the config valid
     1   --once: the heartbeat failed
@@ -30,24 +68,33 @@ Needs Python 3.6+ and requests 2.25+; nothing else.
 """
 
 import argparse
+import contextlib
 import email.utils
+import http.client
+import ipaddress
 import json
 import logging
 import math
 import os
 import random
+import re
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
+import urllib3.exceptions
 
-AGENT_VERSION = "1.0.0"
+AGENT_VERSION = "1.1.0"
 AGENT_NAME = "stacksense-agent"
 
 DEFAULT_CONFIG_PATH = "~/.stacksense_heartbeat.conf"
@@ -66,6 +113,19 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 15.0
 MAX_ATTEMPTS_PER_BEAT = 4
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
+MAX_RETRY_AFTER_S = 86400.0
+
+# What the agent accepts from the wire and from its files.
+MAX_BODY_BYTES = 64 * 1024
+BODY_CHUNK_BYTES = 8192
+MAX_SHOWN_CHARS = 200
+MAX_CONFIG_FILE_BYTES = 64 * 1024
+MAX_TOKEN_FILE_BYTES = 8192
+MAX_TOKEN_CHARS = 4096
+ASCII_ID = re.compile(r"[0-9]{1,18}")
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 b64token
+HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,15}(\.[0-9]{1,9})?")
 
 # While failing, one summary line at most this often (the first failure and every change
 # between healthy and failing are always logged).
@@ -85,7 +145,12 @@ STATUS_HINTS = {
     403: "this server refuses legacy heartbeats; configure an API token (STACKSENSE_API_TOKEN)",
     404: "the server does not know this server id; check STACKSENSE_SERVER_ID",
     405: "the server does not accept heartbeats at this address; check STACKSENSE_API_URL",
+    407: "the proxy wants credentials or refused them; check the user and password in the "
+         "proxy URL (HTTPS_PROXY / HTTP_PROXY; the role's stacksense_https_proxy)",
 }
+PROXY_AUTH_HINT = STATUS_HINTS[407]
+CA_BUNDLE_HINT = ("not retried; set STACKSENSE_CA_BUNDLE (the role's stacksense_ca_certificate "
+                  "or stacksense_ca_bundle) to the CA that signed the server's certificate")
 
 log = logging.getLogger(AGENT_NAME)
 
@@ -111,33 +176,70 @@ class Setting:
 
 
 def parse_server_id(value):
-    if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
-        raise ValueError("expected a positive integer, e.g. 42")
-    return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = value.strip() if isinstance(value, str) else ""
+    if not ASCII_ID.fullmatch(text) or int(text) < 1:
+        raise ValueError("expected a positive integer of ASCII digits, e.g. 42")
+    return int(text)
 
 
 def parse_api_url(value):
-    parts = urlsplit(str(value).strip())
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("expected an http:// or https:// URL, e.g. https://stacksense.example.com")
-    if not parts.hostname:
-        raise ValueError("expected a URL with a host name, e.g. https://stacksense.example.com")
-    if parts.query or parts.fragment:
-        raise ValueError("expected a URL without ?query or #fragment")
+    example = "e.g. https://stacksense.example.com"
+    text = value.strip() if isinstance(value, str) else ""
+    if any(ord(char) > 127 for char in text):
+        raise ValueError("expected an ASCII URL; write an international host name in its "
+                         "xn-- (IDNA) form, " + example)
+    if any(not char.isprintable() or char.isspace() for char in text):
+        raise ValueError("expected a URL without spaces or control characters, " + example)
     try:
-        parts.port  # noqa: B018 - a bad port raises ValueError only when read
+        parts = urlsplit(text)
+        port = parts.port
     except ValueError:
-        raise ValueError("expected a valid port number after the host name") from None
-    return str(value).strip().rstrip("/")
+        raise ValueError("expected a valid host and port number, " + example) from None
+    if parts.scheme not in ("http", "https") or not text.lower().startswith(parts.scheme + "://"):
+        raise ValueError("expected an http:// or https:// URL, " + example)
+    if "@" in parts.netloc:
+        raise ValueError("expected a URL without user:password@; StackSense authenticates "
+                         "with the API token (STACKSENSE_API_TOKEN), not with the URL")
+    if "?" in text or "#" in text:
+        raise ValueError("expected a URL without ?query or #fragment")
+    if not parts.hostname:
+        raise ValueError("expected a URL with a host name, " + example)
+    if not valid_host(parts.hostname, parts.netloc.startswith("[")):
+        raise ValueError("expected a valid host name or IP address, " + example)
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError("expected a valid port number (1-65535) after the host name")
+    return text.rstrip("/")
+
+
+def valid_host(host, bracketed):
+    """An ASCII DNS name (letters, digits, - and _ in labels), an IPv4 or a [IPv6] address."""
+    if bracketed:
+        try:
+            return ipaddress.ip_address(host).version == 6
+        except ValueError:
+            return False
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+        return False
+    if all(label.isdigit() for label in labels):  # looks like an IPv4 address: must be one
+        try:
+            ipaddress.IPv4Address(host.rstrip("."))
+        except ValueError:
+            return False
+    return True
 
 
 def parse_seconds(low, high):
     def parse(value):
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            seconds = None
-        if seconds is None or isinstance(value, bool) or math.isnan(seconds):
+        seconds = None
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            try:
+                seconds = float(value)
+            except (ValueError, OverflowError):
+                seconds = None
+        if seconds is None or math.isnan(seconds):
             raise ValueError("expected a number of seconds")
         if not (low <= seconds <= high):
             raise ValueError(f"expected seconds between {low:g} and {high:g}")
@@ -147,32 +249,44 @@ def parse_seconds(low, high):
 
 
 def parse_fraction(value):
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        fraction = None
-    if fraction is None or isinstance(value, bool) or not (0 <= fraction <= MAX_JITTER_FRACTION):
+    fraction = None
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        try:
+            fraction = float(value)
+        except (ValueError, OverflowError):
+            fraction = None
+    if fraction is None or not (0 <= fraction <= MAX_JITTER_FRACTION):
         raise ValueError(f"expected a fraction between 0 and {MAX_JITTER_FRACTION:g}")
     return fraction
 
 
 def parse_token(value):
-    token = str(value).strip()
-    if not token or any(c.isspace() for c in token):
-        raise ValueError("expected a non-empty token without spaces")
+    token = value.strip() if isinstance(value, str) else ""
+    if not BEARER_TOKEN.fullmatch(token) or len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"expected the token alone: up to {MAX_TOKEN_CHARS} of the "
+                         "characters a Bearer token holds (A-Z a-z 0-9 - . _ ~ + /, then = "
+                         "padding)")
     return token
 
 
+def parse_path(value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a file path")
+    if "\0" in value:
+        raise ValueError("expected a path without a NUL character")
+    return os.path.expanduser(value)
+
+
 def parse_readable_file(value):
-    path = os.path.expanduser(str(value))
+    path = parse_path(value)
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise ValueError("expected a readable file")
+        raise ValueError("expected a readable file (a regular one, not a directory or a FIFO)")
     return path
 
 
 def parse_state_file(value):
-    path = os.path.expanduser(str(value))
-    if not path or path.endswith("/"):
+    path = parse_path(value)
+    if path.endswith("/"):
         raise ValueError("expected a file path, e.g. /var/lib/stacksense-agent/state.json")
     return path
 
@@ -215,11 +329,34 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 # --------------------------------------------------------------------------- config loading
 
 
+def read_small_file(path, limit):
+    """The bytes of the regular file at `path`, at most `limit` of them.
+
+    Raises OSError when it cannot be opened, ValueError saying why it is not acceptable. The
+    file is opened without blocking, so a FIFO or a device cannot hang the start-up.
+    """
+    if "\0" in path:
+        raise ValueError("the path holds a NUL character")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("it is not a regular file")
+        small_file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with small_file:
+        data = small_file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"it is larger than {limit} bytes")
+    return data
+
+
 def read_config_file(path, required):
     """Return the JSON object in `path` ({} when it is absent and not `required`)."""
+    example = '{"server_id": 42, "api_url": "https://..."}'
     try:
-        with open(path) as config_file:
-            text = config_file.read()
+        data = read_small_file(path, MAX_CONFIG_FILE_BYTES)
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist; create it or fix --config / "
@@ -228,19 +365,38 @@ def read_config_file(path, required):
     except OSError as error:
         raise ConfigError(f"config file {path} cannot be read ({error.strerror or error}); "
                           "fix its permissions") from None
+    except ValueError as error:
+        raise ConfigError(f"config file {path} cannot be used: {error}; expected a small "
+                          f"regular file holding a JSON object such as {example}") from None
     try:
-        values = json.loads(text)
+        values = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; expected a JSON object such "
+                          f"as {example}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests too deeply to be read; expected a flat "
+                          f"JSON object such as {example}") from None
     except ValueError as error:
         raise ConfigError(f"config file {path} is not valid JSON ({error}); expected an object "
-                          'such as {"server_id": 42, "api_url": "https://..."}') from None
+                          f"such as {example}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object, e.g. "
-                          '{"server_id": 42, "api_url": "https://..."}')
+        raise ConfigError(f"config file {path} must hold a JSON object, e.g. {example}")
     unknown = sorted(set(values) - set(SETTINGS_BY_NAME))
     if unknown:
-        raise ConfigError("config file {} has unknown key {!r}; known keys: {}".format(
-            path, unknown[0], ", ".join(s.name for s in SETTINGS)))
+        raise ConfigError("config file {} has unknown key {}; known keys: {}".format(
+            path, shorten(repr(unknown[0])), ", ".join(s.name for s in SETTINGS)))
     return values
+
+
+def shown_value(setting, raw):
+    """How a bad raw value appears in the error: secrets hidden, URL credentials redacted."""
+    if setting.secret:
+        return "(hidden)"
+    if isinstance(raw, str):
+        return shorten(repr(redact_url(raw)))
+    if raw is None or isinstance(raw, (bool, int, float)):
+        return shorten(repr(raw))
+    return "a JSON " + ("list" if isinstance(raw, list) else "object")
 
 
 def pick(setting, args, env, file_values, file_path):
@@ -267,7 +423,8 @@ def load_config(args, env):
     explicit_path = args.config or env.get("STACKSENSE_CONFIG", "").strip()
     file_path = expand_home(explicit_path or DEFAULT_CONFIG_PATH, env)
     file_values = read_config_file(file_path, required=bool(explicit_path))
-    config = {"config_file": file_path if (file_values or explicit_path) else None}
+    config = {"config_file": file_path if (file_values or explicit_path) else None,
+              "token_file_in_use": None}
     sources = {}
     for setting in SETTINGS:
         raw, source = pick(setting, args, env, file_values, file_path)
@@ -278,7 +435,7 @@ def load_config(args, env):
         try:
             config[setting.name] = setting.parse(raw)
         except ValueError as error:
-            shown = "(hidden)" if setting.secret else repr(raw)
+            shown = shown_value(setting, raw)
             raise ConfigError(f"{setting.name} ({source}) is {shown}: {error}") from None
     apply_derived_defaults(config, sources, env)
     check_consistency(config, sources)
@@ -307,19 +464,26 @@ def apply_derived_defaults(config, sources, env):
         sources["api_token_file"] = f"systemd credential {TOKEN_CREDENTIAL_NAME}"
     if config["api_token"] is None and config["api_token_file"]:
         config["api_token"] = read_token_file(config["api_token_file"], sources["api_token_file"])
+        config["token_file_in_use"] = config["api_token_file"]
         sources["api_token"] = sources["api_token_file"]
 
 
 def read_token_file(path, source):
+    """The token in the file at `path` (the whole file, surrounding white space stripped)."""
     try:
-        with open(path) as token_file:
-            return parse_token(token_file.read())
+        data = read_small_file(path, MAX_TOKEN_FILE_BYTES)
     except OSError as error:
         raise ConfigError(f"api_token_file ({source}) is {path!r}: cannot be read "
                           f"({error.strerror or error}); fix its permissions") from None
-    except ValueError:
+    except ValueError as error:
+        raise ConfigError(f"api_token_file ({source}) is {path!r}: {error}; expected a small "
+                          "regular file holding the token alone") from None
+    try:
+        return parse_token(data.decode("ascii"))
+    except ValueError:  # UnicodeDecodeError included; the token itself is never shown
         raise ConfigError(f"api_token_file ({source}) is {path!r}: the file is empty or holds "
-                          "spaces; expected the token alone") from None
+                          "more than one token; expected the token alone (A-Z a-z 0-9 "
+                          "- . _ ~ + /, then = padding)") from None
 
 
 def check_consistency(config, sources):
@@ -342,7 +506,7 @@ def describe_config(config, sources):
         value = config[setting.name]
         if setting.secret and value is not None:
             value = "<redacted>"
-        lines.append(f"{setting.name} = {value} ({sources[setting.name]})")
+        lines.append(printable(f"{setting.name} = {value} ({sources[setting.name]})"))
     return lines
 
 
@@ -430,7 +594,7 @@ class BeatResult:
 
     @property
     def server_name(self):
-        return (self.answer or {}).get("server_name") if isinstance(self.answer, dict) else None
+        return wire_text(self.answer.get("server_name")) if isinstance(self.answer, dict) else None
 
 
 class Attempt:
@@ -441,58 +605,220 @@ class Attempt:
         self.ok = ok
         self.retryable = retryable
         self.status = status
-        self.error = error
+        self.error = printable(error) if error else error  # it may quote the server
         self.answer = answer
         self.retry_after_s = retry_after_s
 
 
 def parse_retry_after(value, now_wall):
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+    """Seconds to wait from a Retry-After header, at most MAX_RETRY_AFTER_S, or None.
+
+    Delta-seconds (a decimal fraction is tolerated) or an HTTP date; anything else (negative,
+    garbage, a date that cannot be read) is None, and the backoff decides.
+    """
+    value = value.strip() if isinstance(value, str) else ""
+    if RETRY_AFTER_SECONDS.fullmatch(value):
+        return min(float(value), MAX_RETRY_AFTER_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - now_wall
+    except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
+        return None  # parsedate_to_datetime raises TypeError or ValueError, by version
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def parse_answer(data):
+    """The JSON value in the body (any type), or None when it is not UTF-8 JSON."""
+    if not data:
         return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, when.timestamp() - now_wall)
-
-
-def describe_answer(response):
-    body = response.text.strip().replace("\n", " ")
-    return body[:200] + ("..." if len(body) > 200 else "")
-
-
-def judge_response(response, confirmed_by):
-    """Turn an HTTP response into an Attempt; the retry policy's table lives here.
-
-    A 2xx counts only when its JSON sets `confirmed_by` to true ("heartbeat_received" for a
-    heartbeat, "authenticated" for the token ping): a proxy's or portal's 200 page is a failure.
-    """
-    status = response.status_code
     try:
-        answer = response.json()
-    except ValueError:
-        answer = None
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def describe_body(data):
+    if data is None:
+        return f"(an answer over {MAX_BODY_BYTES // 1024} KiB, not read)"
+    return shorten(" ".join(data.decode("utf-8", "replace").split()))
+
+
+def wire_id(value):
+    """A server id from the wire as a number (7 and "7" are server 7), or None."""
+    if isinstance(value, str) and ASCII_ID.fullmatch(value.strip()):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def wire_text(value):
+    """A name from the wire, fit for a log line and the state file, or None."""
+    return shorten(printable(value)) if isinstance(value, str) else None
+
+
+def judge_response(status, headers, data, confirmed_by):
+    """Turn an HTTP answer into an Attempt; the retry policy's table lives here.
+
+    `data` is the body, None when it was longer than MAX_BODY_BYTES. A 2xx counts only when its
+    JSON is an object setting `confirmed_by` to true ("heartbeat_received" for a heartbeat,
+    "authenticated" for the token ping): a proxy's or portal's 200 page is a failure.
+    """
+    answer = parse_answer(data)
     if status in RETRYABLE_STATUS or status >= 500:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
         return Attempt(retryable=True, status=status, answer=answer, retry_after_s=retry_after,
-                       error=f"HTTP {status}: {describe_answer(response)}")
+                       error=f"HTTP {status}: {describe_body(data)}")
     if 200 <= status < 300:
         if isinstance(answer, dict) and answer.get(confirmed_by) is True:
             return Attempt(ok=True, status=status, answer=answer)
         return Attempt(status=status, answer=answer, error=(
-            f"HTTP {status} without {confirmed_by}=true: {describe_answer(response)} "
+            f"HTTP {status} without {confirmed_by}=true: {describe_body(data)} "
             "(check that STACKSENSE_API_URL points at the StackSense server)"))
     hint = STATUS_HINTS.get(status, "the server refused the heartbeat")
     return Attempt(status=status, answer=answer,
-                   error=f"HTTP {status}: {describe_answer(response)} ({hint})")
+                   error=f"HTTP {status}: {describe_body(data)} ({hint})")
+
+
+def read_capped(raw):
+    """The body from a streamed urllib3 response, or None when longer than MAX_BODY_BYTES."""
+    chunks, size = [], 0
+    while size <= MAX_BODY_BYTES:
+        chunk = raw.read(min(BODY_CHUNK_BYTES, MAX_BODY_BYTES + 1 - size), decode_content=False)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    return None
+
+
+# --------------------------------------------------------------------------- the exchange deadline
+
+
+EXCHANGE = threading.local()  # .guard: the ExchangeGuard of this thread's exchange, if any
+
+
+class ExchangeGuard:
+    """Ends one HTTP exchange at its deadline, whatever the peer does, and feeds the watchdog.
+
+    A context manager around the exchange. Its thread pings the watchdog every `ping_every_s`
+    until the deadline, then shuts down every socket the exchange opened (to the server or the
+    proxy), which ends a blocked connect, TLS handshake or read at once. It holds a duplicate
+    descriptor of each socket: TLS wrapping detaches the original socket object.
+    """
+
+    def __init__(self, seconds, ping=None, ping_every_s=None):
+        self.deadline = time.monotonic() + seconds
+        self.ping = ping
+        self.ping_every_s = ping_every_s
+        self.expired = False
+        self.sockets = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.keep_time, name="exchange-deadline")
+        self.thread.daemon = True
+
+    def __enter__(self):
+        EXCHANGE.guard = self
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        EXCHANGE.guard = None
+        self.done.set()
+        self.thread.join()
+        with self.lock:
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+        return False
+
+    def remaining_s(self):
+        return max(0.001, self.deadline - time.monotonic())
+
+    def watch(self, sock):
+        with self.lock:
+            copy = sock.dup()
+            self.sockets.append(copy)
+            if self.expired:
+                shut_down(copy)
+
+    def keep_time(self):
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self.done.wait(min(remaining, self.ping_every_s or remaining)):
+                return
+            if self.ping and time.monotonic() < self.deadline:
+                self.ping()
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets:
+                shut_down(sock)
+
+
+def shut_down(sock):
+    with contextlib.suppress(OSError):  # already closed by the peer or by the exchange
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class WatchedConnection:
+    """Mixin for urllib3's connection classes: hands each new socket to the exchange's guard."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        guard = getattr(EXCHANGE, "guard", None)
+        if guard is not None:
+            guard.watch(sock)
+        return sock
+
+
+class WatchedHTTPConnection(WatchedConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class WatchedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
+WATCHED_POOLS = {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
+
+
+class WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose connections, direct or through an HTTP(S) proxy, are watched."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS has its own connection classes
+            manager.pool_classes_by_scheme = WATCHED_POOLS
+        return manager
+
+
+def make_session():
+    session = requests.Session()
+    adapter = WatchedAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
+                  http.client.HTTPException, OSError, ValueError)
 
 
 class Agent:
@@ -501,7 +827,7 @@ class Agent:
     def __init__(self, config, session=None, clock=time.monotonic, stop=None, rng=None,
                  notifier=None, state_file=None):
         self.config = config
-        self.session = session or requests.Session()
+        self.session = session or make_session()
         self.clock = clock
         self.stop = stop or threading.Event()
         self.rng = rng or random.Random()
@@ -510,6 +836,8 @@ class Agent:
         self.mode = "token" if config.get("api_token") else "legacy"
         self.identified = False
         self.health = Health(clock)
+        self.traceback_logged_at = None
+        self.proxy = proxy_for(config["api_url"])
         self.state = {
             "agent_version": AGENT_VERSION, "pid": os.getpid(), "started_at": utc_now_iso(),
             "api_url": config["api_url"], "mode": self.mode, "server_id": config["server_id"],
@@ -525,27 +853,78 @@ class Agent:
         return "{}/api/heartbeat/{}/".format(self.config["api_url"], self.config["server_id"])
 
     def request(self, method, url, body, confirmed_by):
-        """One HTTP exchange, never raising for network trouble."""
-        headers = {"User-Agent": f"{AGENT_NAME}/{AGENT_VERSION}"}
+        """One HTTP exchange, over within the timeout whatever the peer does; never raises for
+        anything the network, a proxy or the server does.
+
+        The answer is streamed and at most MAX_BODY_BYTES of it read; the connection is closed
+        afterwards (a beat every 30 s gains nothing from keep-alive, and nothing accumulates).
+        """
+        headers = {"User-Agent": f"{AGENT_NAME}/{AGENT_VERSION}", "Accept-Encoding": "identity"}
         if self.mode == "token":
             headers["Authorization"] = "Bearer " + self.config["api_token"]
+        guard = ExchangeGuard(self.config["timeout"], self.ping_watchdog,
+                              self.notifier.watchdog_every_s)
         try:
-            response = self.session.request(
-                method, url, json=body, headers=headers, timeout=self.config["timeout"],
-                allow_redirects=False, verify=self.config.get("ca_bundle") or True)
-        except requests.Timeout:
-            return Attempt(retryable=True, error="no answer within {:g} s from {}".format(
-                self.config["timeout"], self.config["api_url"]))
-        except requests.exceptions.SSLError as error:
-            return Attempt(retryable=True, error="TLS error talking to {}: {} (check "
-                           "STACKSENSE_CA_BUNDLE)".format(self.config["api_url"], error))
-        except requests.ConnectionError as error:
-            return Attempt(retryable=True, error="cannot connect to {}: {}".format(
-                self.config["api_url"], short_reason(error)))
-        except requests.RequestException as error:
-            return Attempt(retryable=True, error="request to {} failed: {}".format(
-                self.config["api_url"], error))
-        return judge_response(response, confirmed_by)
+            with guard:
+                response = self.session.request(
+                    method, url, json=body, headers=headers, stream=True,
+                    timeout=(guard.remaining_s(), guard.remaining_s()), allow_redirects=False,
+                    verify=self.config.get("ca_bundle") or True)
+                try:
+                    data = read_capped(response.raw)
+                    cut_off = guard.expired
+                finally:
+                    response.close()
+        except NETWORK_ERRORS as error:
+            return self.failed_exchange(error, guard.expired)
+        finally:
+            self.session.close()
+        if cut_off:
+            return self.failed_exchange(None, True)
+        return judge_response(response.status_code, response.headers, data, confirmed_by)
+
+    def failed_exchange(self, error, cut_off):
+        """The Attempt for an exchange that brought no complete answer."""
+        api_url = self.config["api_url"]
+        if cut_off or isinstance(error, requests.Timeout):
+            return Attempt(retryable=True, error="no answer within {:g} s from {}{}".format(
+                self.config["timeout"], api_url,
+                " (cut off at the deadline: the peer was too slow)" if cut_off else ""))
+        text = self.scrub(str(error))
+        if "certificate verify failed" in text.lower():
+            reason = re.search(r"certificate verify failed:?\s*([^()'\"]*)", text, re.I)
+            return Attempt(error="TLS certificate verify failed for {}: {} ({})".format(
+                api_url, (reason.group(1).strip() if reason else "") or "untrusted certificate",
+                CA_BUNDLE_HINT))
+        if isinstance(error, requests.exceptions.ProxyError) and " 407" in text:
+            return Attempt(status=407, error="the proxy {} answered 407 Proxy Authentication "
+                           "Required ({})".format(redact_url(self.proxy or "?"), PROXY_AUTH_HINT))
+        if isinstance(error, requests.exceptions.SSLError):
+            return Attempt(retryable=True, error=f"TLS error talking to {api_url}: "
+                           f"{shorten(text)} (check STACKSENSE_CA_BUNDLE)")
+        if isinstance(error, requests.exceptions.ProxyError):
+            return Attempt(retryable=True, error="cannot go through the proxy {} to {}: {}".format(
+                redact_url(self.proxy or "?"), api_url, self.scrub(short_reason(error))))
+        broken = broken_answer(error)
+        if broken:
+            return Attempt(retryable=True, error=f"the answer from {api_url} broke off or was "
+                           f"not HTTP: {self.scrub(broken)}")
+        if isinstance(error, requests.ConnectionError):
+            reason = self.scrub(short_reason(error))
+            return Attempt(retryable=True, error=f"cannot connect to {api_url}: {reason}")
+        return Attempt(retryable=True, error=f"request to {api_url} failed: "
+                       f"{type(error).__name__}: {shorten(text)}")
+
+    def scrub(self, text):
+        """`text` without the secrets it could carry (the token, the proxy's password)."""
+        secrets = [self.config.get("api_token")]
+        password = proxy_password(self.proxy)
+        if password:
+            secrets += [password, unquote(password)]
+        for secret in secrets:
+            if secret:
+                text = text.replace(secret, "<redacted>")
+        return text
 
     def with_retries(self, method, url, body, confirmed_by, give_up_at):
         """Send until success, a definite failure, or the time or attempts run out.
@@ -599,43 +978,93 @@ class Agent:
         """Token mode: ask the server who this token belongs to, once it answers.
 
         Raises ConfigError when the configured server id is not the token's server, so the
-        host cannot heartbeat into another server's row.
+        host cannot heartbeat into another server's row. Ids are compared as numbers; an id
+        that is not a number is not compared (logged).
         """
         url = self.config["api_url"] + "/api/agent/ping/"
         attempt, _, _ = self.with_retries("GET", url, None, "authenticated", give_up_at)
         if not attempt.ok:
             return attempt
-        expected, actual = self.config["server_id"], attempt.answer.get("server_id")
+        raw_id = attempt.answer.get("server_id")
+        expected, actual = self.config["server_id"], wire_id(raw_id)
+        name = wire_text(attempt.answer.get("server_name"))
+        if actual is None and raw_id is not None:
+            log.warning("the server's ping answer has a server_id that is not a number (%s); "
+                        "not compared", shorten(printable(repr(raw_id))))
         if expected is not None and actual is not None and expected != actual:
             raise ConfigError(
-                "server_id is {} but the API token belongs to server {} ({!r}); fix "
-                "STACKSENSE_SERVER_ID or the token".format(
-                    expected, actual, attempt.answer.get("server_name")))
+                f"server_id is {expected} but the API token belongs to server {actual} "
+                f"({name!r}); fix STACKSENSE_SERVER_ID or the token")
         self.identified = True
-        self.state["server_name"] = attempt.answer.get("server_name")
+        self.state["server_name"] = name
         if actual is not None:
             self.state["server_id"] = actual
-        log.info("API token accepted: this host is server %r (id %s)",
-                 self.state["server_name"], actual)
+        log.info("API token accepted: this host is server %r (id %s)", name, actual)
         return None
 
     def beat_once(self, give_up_at=None):
-        """Send one heartbeat, retrying within the beat; record and return the result."""
+        """Send one heartbeat, retrying within the beat; record and return the result.
+
+        The last line of defence: an unexpected exception inside the beat is logged (with its
+        traceback at most every FAILURE_SUMMARY_EVERY_S) and the beat counts as failed. Only
+        ConfigError (the token belongs to another server) goes on up.
+        """
         if give_up_at is None:
             give_up_at = self.clock() + self.config["interval"]
+        try:
+            result = self.attempt_beat(give_up_at)
+        except ConfigError:
+            raise
+        except Exception as error:  # a bug must cost one beat, not the agent
+            result = BeatResult(False, 1, error=self.internal_error(error))
+        self.record(result)
+        return result
+
+    def attempt_beat(self, give_up_at):
         failed = None
         if self.mode == "token" and not self.identified:
             failed = self.identify(give_up_at)
-        attempts = 0
-        if failed is None:
-            body = {"agent_version": AGENT_VERSION}
-            attempt, attempts, _ = self.with_retries("POST", self.heartbeat_url(), body,
-                                                     "heartbeat_received", give_up_at)
+        if failed is not None:
+            return BeatResult(False, 1, failed.status, failed.error, failed.answer)
+        body = {"agent_version": AGENT_VERSION}
+        attempt, attempts, _ = self.with_retries("POST", self.heartbeat_url(), body,
+                                                 "heartbeat_received", give_up_at)
+        return BeatResult(attempt.ok, attempts, attempt.status, attempt.error, attempt.answer)
+
+    def internal_error(self, error):
+        """Log an unexpected error of one beat (rate-limited traceback); return its summary."""
+        summary = printable(shorten(
+            f"internal error: {type(error).__name__}: {self.scrub(str(error))}"))
+        now = self.clock()
+        if self.traceback_logged_at is None or \
+                now - self.traceback_logged_at >= FAILURE_SUMMARY_EVERY_S:
+            self.traceback_logged_at = now
+            log.error("unexpected error in a beat, which counts as failed; the agent goes on "
+                      "(please report this)", exc_info=True)
         else:
-            attempt, attempts = failed, 1
-        result = BeatResult(attempt.ok, attempts, attempt.status, attempt.error, attempt.answer)
-        self.record(result)
-        return result
+            log.debug("unexpected error in a beat again: %s", summary)
+        return summary
+
+    def reload_token(self):
+        """SIGHUP: read the token file again; keep the current token if the new one is bad."""
+        path = self.config.get("token_file_in_use")
+        if not path:
+            log.info("SIGHUP received: nothing to reload (%s); ignored",
+                     "the token does not come from a file" if self.mode == "token"
+                     else "legacy API, no token")
+            return
+        try:
+            token = read_token_file(path, "SIGHUP")
+        except ConfigError as error:
+            log.warning("SIGHUP: keeping the current API token: %s", printable(str(error)))
+            return
+        if token == self.config["api_token"]:
+            log.info("SIGHUP: token file %s re-read; the token is unchanged", printable(path))
+            return
+        self.config["api_token"] = token
+        self.identified = False
+        log.info("SIGHUP: token file %s re-read; the new token is used from the next beat",
+                 printable(path))
 
     def record(self, result):
         now = utc_now_iso()
@@ -676,6 +1105,53 @@ def short_reason(error):
     text = str(getattr(reason, "reason", None) or reason)
     # urllib3 prefixes the connection object's repr: keep only the operating system's words
     return text.split(": ", 1)[-1] if text.startswith(("<", "HTTP")) else text
+
+
+def broken_answer(error):
+    """What broke, when `error` is the peer hanging up or answering something else than HTTP."""
+    while error is not None:
+        if isinstance(error, urllib3.exceptions.ProtocolError) and len(error.args) > 1:
+            detail = error.args[-1]
+            if isinstance(detail, OSError) and detail.strerror:
+                return detail.strerror
+            return shorten(repr(detail))
+        if isinstance(error, (urllib3.exceptions.ProtocolError, http.client.HTTPException)):
+            return shorten(str(error) or type(error).__name__)
+        error = error.args[0] if error.args and isinstance(error.args[0], BaseException) \
+            else None
+    return None
+
+
+def printable(text):
+    """`text` with control and other unprintable characters escaped (\\x1b, \\n, \\u202e)."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
+
+
+def shorten(text, limit=MAX_SHOWN_CHARS):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def redact_url(url):
+    """`url` with any user:password@ replaced by <redacted>@."""
+    return re.sub(r"\A([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1<redacted>@", url)
+
+
+def proxy_for(url):
+    """The proxy URL requests takes from the environment for `url` (honouring NO_PROXY)."""
+    try:
+        return requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    except (ValueError, OSError):
+        return None
+
+
+def proxy_password(proxy):
+    try:
+        return urlsplit(proxy).password if proxy else None
+    except ValueError:
+        return None
 
 
 def next_slot_after(slot, interval, now):
@@ -819,14 +1295,17 @@ def build_parser():
 
 
 def fail(message, status):
-    sys.stderr.write(f"{AGENT_NAME}: {message}\n")
+    sys.stderr.write(f"{AGENT_NAME}: {printable(message)}\n")
     return status
 
 
 def run_once(agent):
     result = agent.beat_once()
     if result.ok:
-        answer = json.dumps(result.answer, sort_keys=True)
+        try:
+            answer = shorten(printable(json.dumps(result.answer, sort_keys=True)), 2000)
+        except (TypeError, ValueError, RecursionError):
+            answer = "(an answer too deep to show)"
         print(f"heartbeat accepted after {result.attempts} attempt(s): {answer}")
         return EX_OK
     print(f"heartbeat failed after {result.attempts} attempt(s): {result.error}")
@@ -847,14 +1326,18 @@ def run_daemon(agent, notifier):
             outcome["crashed"] = True
         agent.stop.set()
 
+    hangup = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: hangup.set())
     notifier.notify("READY=1\nSTATUS=sending the first heartbeat")
     worker = threading.Thread(target=work, name="heartbeat")
     worker.daemon = True
     worker.start()
     while worker.is_alive() and not agent.stop.wait(0.5):
-        pass
+        if hangup.is_set():
+            hangup.clear()
+            agent.reload_token()
     notifier.notify("STOPPING=1")
     worker.join(0.5)
     if "config_error" in outcome:
@@ -886,13 +1369,22 @@ def main(argv=None, env=None):
     notifier = Notifier(env)
     agent = Agent(config, notifier=notifier)
     if args.once:
+        log_proxy(agent)
         try:
             return run_once(agent)
         except ConfigError as error:
             return fail(f"config error: {error}", EX_CONFIG)
     log.info("%s %s starting (pid %d, %s API): %s", AGENT_NAME, AGENT_VERSION, os.getpid(),
              agent.mode, "; ".join(describe_config(config, sources)))
+    log_proxy(agent)
     return run_daemon(agent, notifier)
+
+
+def log_proxy(agent):
+    if agent.proxy:
+        log.info("using the proxy %s for %s (from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY; "
+                 "NO_PROXY does not exempt it)", printable(redact_url(agent.proxy)),
+                 agent.config["api_url"])
 
 
 if __name__ == "__main__":

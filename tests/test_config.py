@@ -1,8 +1,12 @@
 """Configuration: every bad value exits 78 with one line naming it; precedence holds."""
 
 import json
+import os
+import random
+from pathlib import Path
 
 import pytest
+from conftest import run_agent_process
 
 GOOD_ENV = {"STACKSENSE_SERVER_ID": "42", "STACKSENSE_API_URL": "https://stacksense.example.com"}
 
@@ -41,6 +45,36 @@ BAD_ENVIRONMENT = [
     ({"STACKSENSE_API_TOKEN_FILE": "/nonexistent/token"}, "STACKSENSE_API_TOKEN_FILE",
      "readable file"),
     ({"STACKSENSE_CA_BUNDLE": "/nonexistent/ca.pem"}, "STACKSENSE_CA_BUNDLE", "readable file"),
+    ({"STACKSENSE_SERVER_ID": "\uff14\uff12"}, "STACKSENSE_SERVER_ID", "ASCII digits"),
+    ({"STACKSENSE_SERVER_ID": "\u0664\u0662"}, "STACKSENSE_SERVER_ID", "ASCII digits"),
+    ({"STACKSENSE_SERVER_ID": "+5"}, "STACKSENSE_SERVER_ID", "positive integer"),
+    ({"STACKSENSE_SERVER_ID": "000"}, "STACKSENSE_SERVER_ID", "positive integer"),
+    ({"STACKSENSE_SERVER_ID": "4 2"}, "STACKSENSE_SERVER_ID", "positive integer"),
+    ({"STACKSENSE_SERVER_ID": "9" * 19}, "STACKSENSE_SERVER_ID", "positive integer"),
+    ({"STACKSENSE_API_URL": "https://x.example/?"}, "STACKSENSE_API_URL", "?query"),
+    ({"STACKSENSE_API_URL": "https://x.example/#"}, "STACKSENSE_API_URL", "#fragment"),
+    ({"STACKSENSE_API_URL": "https://x.example:0"}, "STACKSENSE_API_URL", "port"),
+    ({"STACKSENSE_API_URL": "https://x.example:"}, "STACKSENSE_API_URL", "port"),
+    ({"STACKSENSE_API_URL": "https://x.example:8a"}, "STACKSENSE_API_URL", "port"),
+    ({"STACKSENSE_API_URL": "https://[::1"}, "STACKSENSE_API_URL", "valid host"),
+    ({"STACKSENSE_API_URL": "https://[v1.x]"}, "STACKSENSE_API_URL", "valid host"),
+    ({"STACKSENSE_API_URL": "https://exa mple.com"}, "STACKSENSE_API_URL", "spaces"),
+    ({"STACKSENSE_API_URL": "https://x.example/\x1b[2J"}, "STACKSENSE_API_URL", "control"),
+    ({"STACKSENSE_API_URL": "https://b\u00fccher.example"}, "STACKSENSE_API_URL", "xn--"),
+    ({"STACKSENSE_API_URL": "https://-bad-.example"}, "STACKSENSE_API_URL", "valid host"),
+    ({"STACKSENSE_API_URL": "https://x..example"}, "STACKSENSE_API_URL", "valid host"),
+    ({"STACKSENSE_API_URL": "https://10.0.0.999"}, "STACKSENSE_API_URL", "valid host"),
+    ({"STACKSENSE_API_URL": "https://x.example%2f"}, "STACKSENSE_API_URL", "valid host"),
+    ({"STACKSENSE_API_URL": "http:/x.example"}, "STACKSENSE_API_URL", "http://"),
+    ({"STACKSENSE_API_TOKEN": "t\u00f6ken"}, "STACKSENSE_API_TOKEN", "Bearer"),
+    ({"STACKSENSE_API_TOKEN": "tok,en"}, "STACKSENSE_API_TOKEN", "Bearer"),
+    ({"STACKSENSE_API_TOKEN": "tok\x00en"}, "STACKSENSE_API_TOKEN", "Bearer"),
+    ({"STACKSENSE_API_TOKEN": "=tok"}, "STACKSENSE_API_TOKEN", "Bearer"),
+    ({"STACKSENSE_API_TOKEN": "t" * 5000}, "STACKSENSE_API_TOKEN", "Bearer"),
+    ({"STACKSENSE_STATE_FILE": "/tmp/a\x00b"}, "STACKSENSE_STATE_FILE", "NUL"),
+    ({"STACKSENSE_CA_BUNDLE": "/tmp/a\x00b"}, "STACKSENSE_CA_BUNDLE", "NUL"),
+    ({"STACKSENSE_CA_BUNDLE": "/dev/null"}, "STACKSENSE_CA_BUNDLE", "regular"),
+    ({"STACKSENSE_INTERVAL": "1e999"}, "STACKSENSE_INTERVAL", "between 1 and 86400"),
     ({"STACKSENSE_SERVER_ID": ""}, "STACKSENSE_SERVER_ID", "dashboard"),
     ({"STACKSENSE_API_URL": ""}, "STACKSENSE_API_URL", "e.g. https://"),
 ]
@@ -65,6 +99,18 @@ BAD_FILES = [
     ('{"server_id": "forty-two", "api_url": "https://x.example"}', "key 'server_id'"),
     ('{"server_id": true, "api_url": "https://x.example"}', "key 'server_id'"),
     ('{"server_id": 42, "api_url": "https://x.example", "interval": "30s"}', "key 'interval'"),
+    ('{"server_id": 42.0, "api_url": "https://x.example"}', "positive integer"),
+    ('{"server_id": 42, "api_url": "https://x.example", "interval": 1e400}', "between 1"),
+    ('{"server_id": 42, "api_url": "https://x.example", "interval": ' + "9" * 400 + "}",
+     "number of seconds"),
+    ('{"server_id": [[[[42]]]], "api_url": "https://x.example"}', "is a JSON list"),
+    ('{"server_id": 42, "api_url": {"a": 1}}', "is a JSON object"),
+    ('{"server_id": 42, "api_url": "https://x.example", "state_file": 5}', "file path"),
+    ('{"server_id": 42, "api_url": ' + "[" * 30000 + "]" * 30000 + "}", "nests too deeply"),
+    ("[" * 60000, "nests too deeply"),
+    ("[" * 70000, "larger than 65536 bytes"),
+    ('{"server_id": 42, "api_url": "https://x.example", "\\u001b[2J": 1}',
+     "unknown key '\\x1b[2J'"),
 ]
 
 
@@ -85,8 +131,18 @@ def test_it_exits_78_when_the_named_config_file_is_missing(agent_module, capsys,
     assert missing in err and "does not exist" in err
 
 
-def test_it_exits_78_when_the_config_file_cannot_be_read(agent_module, capsys, tmp_path):
+def test_it_exits_78_when_the_config_file_is_a_directory(agent_module, capsys, tmp_path):
     status, _, err = run_main(agent_module, capsys, ["--config", str(tmp_path)], env={})
+    assert status == 78
+    assert "not a regular file" in err
+
+
+def test_it_exits_78_when_the_config_file_cannot_be_read(agent_module, capsys, tmp_path):
+    path = write(tmp_path / "agent.conf", "{}")
+    os.chmod(path, 0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: every file is readable")
+    status, _, err = run_main(agent_module, capsys, ["--config", path], env={})
     assert status == 78
     assert "cannot be read" in err
 
@@ -162,3 +218,116 @@ def test_a_bad_token_value_is_never_echoed(agent_module, capsys):
     status, _, err = run_main(agent_module, capsys, env=env)
     assert status == 78
     assert "STACKSENSE_API_TOKEN" in err and "two words" not in err
+
+
+def test_a_url_with_credentials_is_refused_without_echoing_the_password(agent_module, capsys):
+    env = dict(GOOD_ENV, STACKSENSE_API_URL="https://admin:hunter2@stacksense.example.com")
+    status, _, err = run_main(agent_module, capsys, env=env)
+    assert status == 78 and err.count("\n") == 1
+    assert "user:password@" in err and "API token" in err
+    assert "hunter2" not in err and "<redacted>@stacksense.example.com" in err
+
+
+@pytest.mark.parametrize("url", ["https://[::1]:8443", "https://xn--bcher-kva.example/",
+                                 "http://127.0.0.1:8080/prefix/", "https://stacksense_01.lan",
+                                 "HTTPS://Stacksense.Example.com.", "https://x.example:65535"])
+def test_these_urls_are_valid(agent_module, capsys, url):
+    env = dict(GOOD_ENV, STACKSENSE_API_URL=url)
+    status, _, err = run_main(agent_module, capsys, env=env)
+    assert status == 0, err
+
+
+def test_a_token_with_every_character_rfc_6750_allows_is_valid(agent_module, capsys):
+    env = dict(GOOD_ENV, STACKSENSE_API_TOKEN="Az09-._~+/==")
+    assert run_main(agent_module, capsys, env=env)[0] == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "too big", "not utf-8", "nul in path"])
+def test_a_config_file_that_is_not_a_small_regular_utf8_file_exits_78_without_hanging(
+        tmp_path, kind):
+    path = tmp_path / "agent.conf"
+    if kind == "fifo":
+        os.mkfifo(str(path))  # opened for a blocking read, it would hang for ever
+    elif kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "too big":
+        path.write_text('{"server_id": 42, "pad": "' + "x" * 70000 + '"}')
+    elif kind == "not utf-8":
+        path.write_bytes(b'{"server_id": 42, "api_url": "https://x.\xe9xample"}')
+    args = ["--check-config", "--config", str(path)]
+    if kind == "nul in path":
+        args = ["--check-config", "--config", str(path) + "\\x00"]
+    process = run_agent_process(args, env={})
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 78, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_nul_in_the_config_path_exits_78(agent_module, capsys):
+    status, _, err = run_main(agent_module, capsys, ["--config", "/tmp/a\x00b"], env={})
+    assert status == 78 and "NUL" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "too big", "not ascii"])
+def test_a_token_file_that_is_not_a_small_regular_file_exits_78_without_hanging(
+        tmp_path, kind):
+    path = tmp_path / "token"
+    if kind == "fifo":
+        os.mkfifo(str(path))
+    elif kind == "too big":
+        path.write_text("t" * 9000)
+    else:
+        path.write_bytes("t\u00f6ken".encode())
+    env = dict(GOOD_ENV, STACKSENSE_API_TOKEN_FILE=str(path))
+    process = run_agent_process(["--check-config"], env=env)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 78, err
+    assert err.count("\n") == 1 and "api_token_file" in err
+
+
+def hostile_config_texts(seed=8, count=600):
+    """Config files a fuzzer would write: valid ones mutated, odd types, bytes, nesting."""
+    rng = random.Random(seed)
+    good = {"server_id": 42, "api_url": "https://x.example", "interval": 30, "timeout": 5,
+            "jitter": 0.1, "log_level": "info", "api_token": "tok-1"}
+    odd_values = [None, True, False, 0, -1, 1e308, float("inf"), "", " ", "\x00", "\n",
+                  "\u202e", "\uff14\uff12", "42\n", [], {}, [42], {"a": [1]}, "9" * 30,
+                  "https://u:p@x.example", "https://x.example?", "https://[::1", "/dev/zero",
+                  "\ud800", "inf", "nan", "1e999", 2 ** 70, "x" * 3000]
+    texts = []
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.6:
+            values = dict(good)
+            for _ in range(rng.randint(1, 3)):
+                key = rng.choice([*good, "state_file", "ca_bundle", "api_token_file", "k"])
+                values[key] = rng.choice(odd_values)
+            text = json.dumps(values)
+        elif roll < 0.75:
+            depth = rng.choice([10, 900, 5000, 200000])
+            text = '{"server_id": ' + "[" * depth + "]" * depth * rng.randint(0, 1) + "}"
+        elif roll < 0.9:
+            text = json.dumps(good)
+            cut = rng.randrange(len(text))
+            text = text[:cut] + rng.choice(["", "\x00", "\\", '"', "}", "\ud800", "\x1b"]) \
+                + text[cut + 1:]
+        else:
+            texts.append(bytes(rng.randrange(256) for _ in range(rng.randint(0, 200))))
+            continue
+        texts.append(text.encode("utf-8", "surrogatepass"))
+    return texts
+
+
+def test_fuzzed_config_files_give_exit_0_or_78_with_one_line_never_a_traceback(
+        agent_module, capsys, tmp_path):
+    path = tmp_path / "agent.conf"
+    outcomes = set()
+    for data in hostile_config_texts():
+        path.write_bytes(data)
+        status = agent_module.main(["--check-config", "--config", str(path)], {"HOME": "/"})
+        out, err = capsys.readouterr()
+        assert status in (0, 78), data[:200]
+        if status == 78:
+            assert out == "" and err.count("\n") == 1, (data[:200], err)
+        outcomes.add(status)
+    assert outcomes == {0, 78}
