@@ -881,6 +881,11 @@ class Agent:
             self.session.close()
         if cut_off:
             return self.failed_exchange(None, True)
+        length = response.headers.get("Content-Length", "")
+        if data is not None and ASCII_ID.fullmatch(length) and len(data) < int(length):
+            # urllib3 2 raises IncompleteRead here; urllib3 1.26 (Debian 11, 12) does not
+            return Attempt(retryable=True, error="the answer from {} broke off after {} of its "
+                           "{} bytes".format(self.config["api_url"], len(data), length))
         return judge_response(response.status_code, response.headers, data, confirmed_by)
 
     def failed_exchange(self, error, cut_off):
