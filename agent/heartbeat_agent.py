@@ -703,10 +703,10 @@ EXCHANGE = threading.local()  # .guard: the ExchangeGuard of this thread's excha
 class ExchangeGuard:
     """Ends one HTTP exchange at its deadline, whatever the peer does, and feeds the watchdog.
 
-    A context manager around the exchange. Its thread pings the watchdog every `ping_every_s`
-    until the deadline, then shuts down every socket the exchange opened (to the server or the
-    proxy), which ends a blocked connect, TLS handshake or read at once. It holds a duplicate
-    descriptor of each socket: TLS wrapping detaches the original socket object.
+    A context manager around the exchange. Its thread pings the watchdog at once and every
+    `ping_every_s` until the deadline, then shuts down every socket the exchange opened (to
+    the server or the proxy), which ends a blocked connect, TLS handshake or read at once. It
+    holds a duplicate descriptor of each socket: TLS wrapping detaches the original object.
     """
 
     def __init__(self, seconds, ping=None, ping_every_s=None):
@@ -746,6 +746,8 @@ class ExchangeGuard:
                 shut_down(copy)
 
     def keep_time(self):
+        if self.ping:  # at once too: the gap since the last ping stays below ping_every_s
+            self.ping()
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:

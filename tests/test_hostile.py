@@ -426,3 +426,14 @@ def test_sighup_without_a_token_file_is_logged_and_ignored(server, tmp_path):
     _, err = process.communicate(timeout=10)
     assert process.returncode == 0
     assert "SIGHUP received: nothing to reload (legacy API, no token); ignored" in err
+
+
+def test_a_stuck_exchange_stops_the_watchdog_pings_at_its_deadline(agent_module):
+    pings = []
+    guard = agent_module.ExchangeGuard(0.3, lambda: pings.append(time.monotonic()), 0.05)
+    with guard:
+        started = time.monotonic()
+        time.sleep(0.8)  # stuck where no socket can be shut down (a DNS lookup, a bug)
+    assert guard.expired
+    assert pings and max(pings) - started < 0.3
+    assert len(pings) >= 4

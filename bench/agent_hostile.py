@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""The heartbeat agent against hostile servers: memory and time bounds, measured.
+
+Runs the real agent process (no injected clock) against servers on loopback from
+tests/hostile.py and reports:
+- memory: the agent's steady-state RSS against a healthy server, and its peak RSS (VmHWM)
+  while every answer is an endless body or a 50 MB body;
+- time: while a server trickles one byte every 0.1 s (in the headers, or in the body), the
+  longest exchange (server side: from the request to the agent hanging up), the longest beat
+  (first request of a beat to the STATUS= notification that ends it) and the longest gap
+  between WATCHDOG=1 notifications, with the role's WatchdogSec for that timeout.
+
+    .venv/bin/python bench/agent_hostile.py [--quick]
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from hostile import (  # noqa: E402 - the shared hostile peers live with the tests
+    HostileServer,
+    NotifyRecorder,
+    big_body,
+    endless_body,
+    endless_headers,
+    trickle,
+)
+
+
+def memory_kib(pid):
+    values = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                values[line.split(":")[0]] = int(line.split()[1])
+    return values
+
+
+def start_agent(url, notify_path=None, watchdog_usec=None, **settings):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACKSENSE_")}
+    env.update({"STACKSENSE_SERVER_ID": "42", "STACKSENSE_API_URL": url, "NO_PROXY": "*",
+                "STACKSENSE_LOG_LEVEL": "warning"})
+    env.update({f"STACKSENSE_{k.upper()}": str(v) for k, v in settings.items()})
+    if notify_path:
+        env.update({"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": str(watchdog_usec)})
+    return subprocess.Popen([sys.executable, str(ROOT / "agent" / "heartbeat_agent.py")],
+                            env=env, stderr=subprocess.DEVNULL)
+
+
+def stop(process):
+    process.terminate()
+    process.wait(10)
+
+
+def run_memory(behaviour, seconds):
+    """VmRSS and VmHWM of an agent beating every 2 s against `behaviour` (None: healthy)."""
+    server = HostileServer()
+    if behaviour:
+        server.then(*[behaviour] * 1000)
+    agent = start_agent(server.url, interval=2, timeout=1.5, jitter=0)
+    try:
+        time.sleep(seconds)
+        values = memory_kib(agent.pid)
+    finally:
+        stop(agent)
+        server.close()
+    values["connections"] = server.connections
+    return values
+
+
+def timed_trickle(data, every_s, exchanges):
+    """A trickling behaviour that records how long each exchange lasted, server side."""
+    behave = trickle(data, every_s)
+
+    def timed(conn, stop_event):
+        started = time.monotonic()
+        try:
+            behave(conn, stop_event)
+        finally:
+            exchanges.append((started, time.monotonic()))
+
+    return timed
+
+
+def role_watchdog_sec(timeout_s):
+    """__stacksense_watchdog_sec in roles/stacksense_agent/vars/main.yml."""
+    return max(60, math.ceil(timeout_s * 4))
+
+
+def trickled_bytes(kind):
+    """An endless header, or a 100 kB body after a complete head, one byte at a time."""
+    if kind == "headers":
+        return endless_headers()
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    return itertools.chain([bytes([b]) for b in head], itertools.repeat(b" ", 100000))
+
+
+def run_trickle(kind, timeout_s, interval_s, watchdog_usec, seconds):
+    exchanges = []
+    with tempfile.TemporaryDirectory() as directory:
+        recorder = NotifyRecorder(Path(directory) / "notify.sock")
+        server = HostileServer()
+        server.then(*[timed_trickle(trickled_bytes(kind), 0.1, exchanges) for _ in range(1000)])
+        agent = start_agent(server.url, recorder.path, watchdog_usec, interval=interval_s,
+                            timeout=timeout_s, jitter=0)
+        started = time.monotonic()
+        try:
+            time.sleep(seconds)
+        finally:
+            stop(agent)
+            server.close()
+            recorder.close()
+        threads = threading.active_count()
+    pings = [started, *recorder.pings()]
+    statuses = [at for at, message in recorder.messages if "STATUS=heartbeat" in message]
+    durations = [end - begin for begin, end in exchanges if end < started + seconds]
+    beats, previous = [], started
+    for status_at in statuses:  # a beat: its exchanges, then the STATUS= that records it
+        begins = [begin for begin, _ in exchanges if previous < begin < status_at]
+        if begins:
+            beats.append((min(begins), status_at))
+        previous = status_at
+    return {
+        "trickled": kind, "timeout_s": timeout_s, "interval_s": interval_s,
+        "watchdog_ping_every_s": watchdog_usec / 2e6,
+        "role_watchdog_sec": role_watchdog_sec(timeout_s), "ran_s": seconds,
+        "exchanges": len(durations), "beats": len(beats),
+        "longest_exchange_s": round(max(durations), 3),
+        "longest_beat_s": round(max(end - begin for begin, end in beats), 3),
+        "longest_watchdog_gap_s": round(max(b - a for a, b in zip(pings, pings[1:])), 3),
+        "watchdog_pings": len(pings) - 1, "bench_threads_after": threads,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    args = parser.parse_args()
+    memory_s = 4 if args.quick else 10
+    steady = run_memory(None, memory_s)
+    endless = run_memory(endless_body(), memory_s)
+    big = run_memory(big_body(50), memory_s)
+    trickles = [run_trickle("headers", 2.0, 5.0, 1_000_000, 12 if args.quick else 30),
+                run_trickle("body", 2.0, 5.0, 1_000_000, 12 if args.quick else 30)]
+    if not args.quick:
+        trickles.append(run_trickle("headers", 10.0, 30.0, 60_000_000, 75))
+    import requests
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            stdout=subprocess.PIPE, text=True).stdout.strip()
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "python": platform.python_version(), "requests": requests.__version__,
+        "memory_kib": {"steady": steady, "endless_body": endless, "body_50_mb": big},
+        "peak_over_steady": {
+            "endless_body": round(endless["VmHWM"] / steady["VmRSS"], 3),
+            "body_50_mb": round(big["VmHWM"] / steady["VmRSS"], 3)},
+        "trickle": trickles,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
