@@ -40,12 +40,36 @@ from hostile import (  # noqa: E402 - the shared hostile peers live with the tes
 
 
 def memory_kib(pid):
+    """VmRSS, VmHWM (peak RSS) in KiB and Threads of a process."""
     values = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
+            if line.startswith(("VmRSS:", "VmHWM:", "Threads:")):
                 values[line.split(":")[0]] = int(line.split()[1])
     return values
+
+
+class ThreadSampler:
+    """The most threads a process had, sampled every 50 ms (the unit has TasksMax=16)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.most = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.stop.wait(0.05):
+            try:
+                self.most = max(self.most, memory_kib(self.pid)["Threads"])
+            except (OSError, KeyError):
+                return
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        return self.most
 
 
 def start_agent(url, notify_path=None, watchdog_usec=None, **settings):
@@ -116,13 +140,15 @@ def run_trickle(kind, timeout_s, interval_s, watchdog_usec, seconds):
         agent = start_agent(server.url, recorder.path, watchdog_usec, interval=interval_s,
                             timeout=timeout_s, jitter=0)
         started = time.monotonic()
+        sampler = ThreadSampler(agent.pid)
         try:
             time.sleep(seconds)
+            peak_rss = memory_kib(agent.pid)["VmHWM"]
         finally:
+            most_threads = sampler.close()
             stop(agent)
             server.close()
             recorder.close()
-        threads = threading.active_count()
     pings = [started, *recorder.pings()]
     statuses = [at for at, message in recorder.messages if "STATUS=heartbeat" in message]
     durations = [end - begin for begin, end in exchanges if end < started + seconds]
@@ -140,7 +166,8 @@ def run_trickle(kind, timeout_s, interval_s, watchdog_usec, seconds):
         "longest_exchange_s": round(max(durations), 3),
         "longest_beat_s": round(max(end - begin for begin, end in beats), 3),
         "longest_watchdog_gap_s": round(max(b - a for a, b in zip(pings, pings[1:])), 3),
-        "watchdog_pings": len(pings) - 1, "bench_threads_after": threads,
+        "watchdog_pings": len(pings) - 1, "agent_most_threads": most_threads,
+        "agent_peak_rss_kib": peak_rss,
     }
 
 
