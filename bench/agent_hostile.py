@@ -11,6 +11,7 @@ tests/hostile.py and reports:
   between WATCHDOG=1 notifications, with the role's WatchdogSec for that timeout.
 
     .venv/bin/python bench/agent_hostile.py [--quick]
+    .venv/bin/python bench/agent_hostile.py --memory-only --agent OLD_AGENT.py  # compare
 """
 
 import argparse
@@ -72,6 +73,9 @@ class ThreadSampler:
         return self.most
 
 
+AGENT = [ROOT / "agent" / "heartbeat_agent.py"]
+
+
 def start_agent(url, notify_path=None, watchdog_usec=None, **settings):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STACKSENSE_")}
     env.update({"STACKSENSE_SERVER_ID": "42", "STACKSENSE_API_URL": url, "NO_PROXY": "*",
@@ -79,8 +83,7 @@ def start_agent(url, notify_path=None, watchdog_usec=None, **settings):
     env.update({f"STACKSENSE_{k.upper()}": str(v) for k, v in settings.items()})
     if notify_path:
         env.update({"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": str(watchdog_usec)})
-    return subprocess.Popen([sys.executable, str(ROOT / "agent" / "heartbeat_agent.py")],
-                            env=env, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, str(AGENT[0])], env=env, stderr=subprocess.DEVNULL)
 
 
 def stop(process):
@@ -174,20 +177,25 @@ def run_trickle(kind, timeout_s, interval_s, watchdog_usec, seconds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    parser.add_argument("--memory-only", action="store_true", help="skip the trickle runs")
+    parser.add_argument("--agent", type=Path, default=AGENT[0], help="the agent to run")
     args = parser.parse_args()
+    AGENT[0] = args.agent.resolve()
     memory_s = 4 if args.quick else 10
     steady = run_memory(None, memory_s)
     endless = run_memory(endless_body(), memory_s)
     big = run_memory(big_body(50), memory_s)
-    trickles = [run_trickle("headers", 2.0, 5.0, 1_000_000, 12 if args.quick else 30),
-                run_trickle("body", 2.0, 5.0, 1_000_000, 12 if args.quick else 30)]
-    if not args.quick:
+    trickles = [] if args.memory_only else [
+        run_trickle("headers", 2.0, 5.0, 1_000_000, 12 if args.quick else 30),
+        run_trickle("body", 2.0, 5.0, 1_000_000, 12 if args.quick else 30)]
+    if not args.quick and not args.memory_only:
         trickles.append(run_trickle("headers", 10.0, 30.0, 60_000_000, 75))
     import requests
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             stdout=subprocess.PIPE, text=True).stdout.strip()
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+        "agent": str(AGENT[0].relative_to(ROOT) if ROOT in AGENT[0].parents else AGENT[0]),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "python": platform.python_version(), "requests": requests.__version__,
         "memory_kib": {"steady": steady, "endless_body": endless, "body_50_mb": big},
