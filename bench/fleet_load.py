@@ -368,11 +368,14 @@ def plot(scenario, traces, agents, path):
         axis.plot(range(len(counts)), counts, linewidth=0.6)
         axis.axhline(even, color="grey", linestyle="--", linewidth=0.8)
         axis.axhline(1.25 * even, color="red", linestyle=":", linewidth=0.8)
-        for start, end, _, _ in scenario.spells:
+        for start, end, _, capacity in scenario.spells:
             axis.axvspan(start, end, color="orange", alpha=0.12)
+            if capacity:
+                axis.hlines(capacity, start, end, color="green", linewidth=0.8)
         axis.set_ylabel("requests / s")
         axis.set_title(f"{label}: {scenario.title}", fontsize=10)
-    axes[-1, 0].set_xlabel("simulated seconds (dashed: even rate N/interval; dotted: 1.25x)")
+    axes[-1, 0].set_xlabel("simulated seconds (dashed: even rate N/interval; dotted: 1.25x; "
+                           "shaded: the spell; green: the server's capacity)")
     figure.tight_layout()
     figure.savefig(str(path), dpi=90)
     plt.close(figure)
