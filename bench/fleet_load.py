@@ -342,7 +342,7 @@ def table(results, agents):
         lines.append("| {} | {} | {:.2f} | {} | {} | {} | {} | {} |".format(
             result["scenario"], result["policy"], result["peak"],
             shown(result, "peak_after", "{:.2f}"), shown(result, "per_host_interval", "{:.2f}"),
-            shown(result, "all_heard_s", "{:.1f}"), result["wrongly_offline"],
+            shown(result, "all_heard_s", "{:.2f}"), result["wrongly_offline"],
             result["requests"]))
     return "\n".join(lines)
 
