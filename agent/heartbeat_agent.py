@@ -83,6 +83,7 @@ SERVER_OFFLINE_AFTER_S = 180.0
 # request per beat, and a beat that succeeds is followed by the next one later
 # (congested_stretch), so the hosts still failing get the server's capacity.
 CALM_AFTER_BEATS = 10
+CONGESTED_STRETCH_MAX = 3
 
 # While failing, one summary line at most this often (the first failure and every change
 # between healthy and failing are always logged).
@@ -762,13 +763,14 @@ def jitter_offset(rng, interval, jitter_fraction):
 
 
 def congested_stretch(interval):
-    """Intervals between the beats of a congested agent that succeed (at least 1).
+    """Intervals between the beats of a congested agent that succeed (1 to 3).
 
-    As many as fit in half the server's offline window, so after a stretched beat there is
-    still room for several failing beats (one interval apart) before the host shows
-    offline: 3 at the default 30 s interval (a beat every 90 s), 1 from 90 s on.
+    As many as fit in half the server's offline window, and at most CONGESTED_STRETCH_MAX
+    (half of a window of 6 intervals, for servers set to a shorter window), so after a
+    stretched beat there is room for several failing beats (one interval apart) before the
+    host shows offline: 3 at the default 30 s interval (a beat every 90 s), 1 from 90 s on.
     """
-    return max(1, int(SERVER_OFFLINE_AFTER_S / 2 // interval))
+    return max(1, min(CONGESTED_STRETCH_MAX, int(SERVER_OFFLINE_AFTER_S / 2 // interval)))
 
 
 def calm_after(calm_beats, ok):

@@ -113,6 +113,7 @@ def test_calm_returns_after_ten_beats_in_a_row_succeed(agent_module):
 def test_a_congested_agent_spreads_its_successful_beats_within_the_offline_window(
         agent_module):
     assert agent_module.congested_stretch(30.0) == 3
+    assert agent_module.congested_stretch(5.0) == 3  # never more than 3 intervals
     assert agent_module.congested_stretch(45.0) == 2
     assert agent_module.congested_stretch(60.0) == 1
     assert agent_module.congested_stretch(600.0) == 1
