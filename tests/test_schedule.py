@@ -68,6 +68,17 @@ def test_a_failing_server_gets_one_request_per_beat_after_the_first_failed_beat(
     assert all(27.0 - 1e-6 <= gap <= 30.0 + 1e-6 for gap in gaps)  # one per beat, <= 1 interval
 
 
+def test_a_retry_after_holds_back_the_next_beat_to_a_slot_of_the_agents_phase(
+        server, make_agent, clock):
+    server.then(ok_reply(), ok_reply(), Reply(503, {"error": "busy"}, {"Retry-After": "100"}))
+    clock.stop_after_waits = 4
+    make_agent(server.url, interval=30.0, jitter=0.1).run()
+    times = beat_times(server, 1000.0)
+    assert len(times) == 4  # the 503's Retry-After does not fit in the beat: no retry
+    assert times[3] - times[2] >= 100.0
+    assert times[3] - times[2] < 130.0  # the first slot after it
+
+
 def test_next_slot_skips_every_missed_slot(agent_module):
     assert agent_module.next_slot_after(0.0, 30.0, 0.0) == 30.0
     assert agent_module.next_slot_after(0.0, 30.0, 29.9) == 30.0
