@@ -74,9 +74,15 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 15.0
 MAX_ATTEMPTS_PER_BEAT = 4
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
-# A Retry-After beyond this is taken as this: a proxy's "come back tomorrow" or a server
-# clock far ahead must not silence the host for hours.
-MAX_RETRY_AFTER_S = 600.0
+
+# While failing, one summary line at most this often (the first failure and every change
+# between healthy and failing are always logged).
+FAILURE_SUMMARY_EVERY_S = 600.0
+
+# The schedule and the retry policy (the policy functions after the Agent class):
+# a Retry-After holds back the next beat at most this long: a proxy's "come back tomorrow"
+# or a server clock far ahead must not silence the host for hours.
+MAX_HOLD_BACK_S = 600.0
 # The StackSense server shows a host offline after this long without a heartbeat.
 SERVER_OFFLINE_AFTER_S = 180.0
 # After a failed beat the agent is congested until this many beats in a row succeed: one
@@ -84,10 +90,6 @@ SERVER_OFFLINE_AFTER_S = 180.0
 # (congested_stretch), so the hosts still failing get the server's capacity.
 CALM_AFTER_BEATS = 10
 CONGESTED_STRETCH_MAX = 3
-
-# While failing, one summary line at most this often (the first failure and every change
-# between healthy and failing are always logged).
-FAILURE_SUMMARY_EVERY_S = 600.0
 
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
 
@@ -706,9 +708,23 @@ def short_reason(error):
     return text.split(": ", 1)[-1] if text.startswith(("<", "HTTP")) else text
 
 
-# --------------------------------------------------------------------------- the policy
-# Pure functions of (state, clock, random source): Agent.run() and with_retries() call them,
-# and so does the fleet simulation (bench/fleet_load.py), which imports this file.
+def next_slot_after(slot, interval, now):
+    """The first slot of the fixed-rate schedule strictly after `now`.
+
+    Slots are slot + k * interval; missed slots are skipped, never caught up in a burst.
+    """
+    missed = max(0, math.floor((now - slot) / interval))
+    return slot + (missed + 1) * interval
+
+
+def jitter_offset(rng, interval, jitter_fraction):
+    """How much earlier than its slot a failing agent's next beat comes (<= 0)."""
+    return -rng.uniform(0, jitter_fraction) * interval
+
+
+# The schedule and the retry policy, with next_slot_after and jitter_offset above: pure
+# functions of (state, clock, random source). Agent.run() and with_retries() call them, and
+# so does the fleet simulation (bench/fleet_load.py), which imports this file.
 
 
 def phase_anchor(first_beat_at, interval, rng):
@@ -746,20 +762,6 @@ def next_beat_slot(slot, interval, now, calm_beats, jitter_fraction, rng, not_be
     if 0 < calm_beats < CALM_AFTER_BEATS:
         slot += (congested_stretch(interval) - 1) * interval
     return slot
-
-
-def next_slot_after(slot, interval, now):
-    """The first slot of the fixed-rate schedule strictly after `now`.
-
-    Slots are slot + k * interval; missed slots are skipped, never caught up in a burst.
-    """
-    missed = max(0, math.floor((now - slot) / interval))
-    return slot + (missed + 1) * interval
-
-
-def jitter_offset(rng, interval, jitter_fraction):
-    """How much earlier than its slot a failing agent's next beat comes (<= 0)."""
-    return -rng.uniform(0, jitter_fraction) * interval
 
 
 def congested_stretch(interval):
@@ -814,7 +816,7 @@ def retry_not_before(attempt, now):
     """The earliest time of the next beat after this attempt: Retry-After, capped, or None."""
     if attempt.ok or attempt.retry_after_s is None:
         return None
-    return now + min(attempt.retry_after_s, MAX_RETRY_AFTER_S)
+    return now + min(attempt.retry_after_s, MAX_HOLD_BACK_S)
 
 
 # --------------------------------------------------------------------------- logging
