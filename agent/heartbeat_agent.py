@@ -4,6 +4,13 @@
 It POSTs a small JSON heartbeat to the server every INTERVAL seconds (30 by default)
 and keeps doing so, whatever the network or the server does, until it is stopped.
 
+The first heartbeat goes at start, the second 0.5 to 1.5 intervals later (a random phase,
+so hosts that start together spread over the interval), then every interval on that phase.
+A blip is retried within the beat (at most 4 requests). After a failed beat: one request
+per beat, at most one interval apart, until 10 beats in a row succeed; meanwhile those that
+succeed come up to 90 s apart, leaving a struggling server's capacity to the hosts it has
+not heard. Retry-After is honoured (up to 10 minutes). See the policy functions below.
+
 Run it:
     STACKSENSE_SERVER_ID=42 STACKSENSE_API_URL=https://stacksense.example.com \\
         ./heartbeat_agent.py
@@ -107,8 +114,9 @@ MAX_JITTER_FRACTION = 0.5
 STATE_FILE_NAME = "state.json"
 TOKEN_CREDENTIAL_NAME = "api_token"
 
-# Within one beat: exponential backoff with full jitter, base doubling up to the cap,
-# at most MAX_ATTEMPTS_PER_BEAT requests, and never past the next beat's due time.
+# Within one beat: exponential backoff with full jitter, base doubling up to the cap, at
+# most MAX_ATTEMPTS_PER_BEAT requests while calm, ONE after a failed beat (until
+# CALM_AFTER_BEATS beats in a row succeed), never past the next beat's due time.
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 15.0
 MAX_ATTEMPTS_PER_BEAT = 4
@@ -130,6 +138,18 @@ RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,15}(\.[0-9]{1,9})?")
 # While failing, one summary line at most this often (the first failure and every change
 # between healthy and failing are always logged).
 FAILURE_SUMMARY_EVERY_S = 600.0
+
+# The schedule and the retry policy (the policy functions after the Agent class):
+# a Retry-After holds back the next beat at most this long: a proxy's "come back tomorrow"
+# or a server clock far ahead must not silence the host for hours.
+MAX_HOLD_BACK_S = 600.0
+# The StackSense server shows a host offline after this long without a heartbeat.
+SERVER_OFFLINE_AFTER_S = 180.0
+# After a failed beat the agent is congested until this many beats in a row succeed: one
+# request per beat, and a beat that succeeds is followed by the next one later
+# (congested_stretch), so the hosts still failing get the server's capacity.
+CALM_AFTER_BEATS = 10
+CONGESTED_STRETCH_MAX = 3
 
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
 
@@ -321,7 +341,8 @@ SETTINGS = (
     Setting("log_level", "STACKSENSE_LOG_LEVEL", "--log-level", parse_log_level, "info",
             help="debug, info, warning or error (default info; -v is debug)"),
     Setting("jitter", "STACKSENSE_JITTER", "--jitter", parse_fraction, DEFAULT_JITTER_FRACTION,
-            help="spread each beat by +- this fraction of the interval (default 0.1)"),
+            help="while failing, each beat comes up to this fraction of the interval early "
+                 "(default 0.1)"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -933,28 +954,30 @@ class Agent:
                 text = text.replace(secret, "<redacted>")
         return text
 
+    # The policy's memory between beats: run() counts the calm beats, with_retries() keeps
+    # the server's Retry-After for run().
+    calm_beats = CALM_AFTER_BEATS
+    not_before = None
+
     def with_retries(self, method, url, body, confirmed_by, give_up_at):
-        """Send until success, a definite failure, or the time or attempts run out.
+        """Send until success, a definite failure, or the beat's budget or time runs out.
 
         Retried: connection errors, timeouts, 408, 429 and 5xx. Not retried: other 4xx,
-        redirects, and 2xx answers that do not confirm the heartbeat. Between attempts the
-        wait is exponential backoff with full jitter (uniform in 0..min(cap, base * 2**n)),
-        or the server's Retry-After when it sends one. No attempt starts unless its whole
-        timeout fits before `give_up_at` (on the monotonic clock), so a beat never runs
-        into the next one; at most MAX_ATTEMPTS_PER_BEAT requests are sent.
-        Returns (Attempt, number of attempts, stopped).
+        redirects, and 2xx answers that do not confirm the heartbeat. The budget is
+        attempts_allowed() (up to MAX_ATTEMPTS_PER_BEAT requests while calm, one after a
+        failed beat), the pauses retry_pause(). A Retry-After also holds back the next beat
+        (self.not_before, read by run()). Returns (Attempt, number of attempts, stopped).
         """
+        budget = attempts_allowed(self.state["consecutive_failures"], self.calm_beats)
         attempts = 0
         while True:
             attempt = self.request(method, url, body, confirmed_by)
             attempts += 1
-            if attempt.ok or not attempt.retryable or attempts >= MAX_ATTEMPTS_PER_BEAT:
-                return attempt, attempts, False
-            backoff = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
-            pause = self.rng.uniform(0, backoff)
-            if attempt.retry_after_s is not None:
-                pause = attempt.retry_after_s
-            if self.clock() + pause + self.config["timeout"] > give_up_at:
+            now = self.clock()
+            self.not_before = retry_not_before(attempt, now)
+            pause = retry_pause(attempt, attempts, budget, now, self.config["timeout"],
+                                give_up_at, self.rng)
+            if pause is None:
                 return attempt, attempts, False
             log.debug("attempt %d failed (%s); retrying in %.1f s", attempts, attempt.error,
                       pause)
@@ -1092,15 +1115,22 @@ class Agent:
     # -- the loop
 
     def run(self):
-        """Beat now, then every interval at a fixed rate, jittered, until stopped."""
-        slot = self.clock()
+        """Beat now, then every interval on this agent's own phase, until stopped.
+
+        The schedule is phase_anchor() and next_beat_slot(), the retries attempts_allowed()
+        and retry_pause(): pure functions of (state, clock, random source), which
+        bench/fleet_load.py drives for 10,000 simulated agents.
+        """
+        interval, jitter = self.config["interval"], self.config["jitter"]
+        slot, first = self.clock(), True
         while not self.stop.is_set():
-            next_slot = next_slot_after(slot, self.config["interval"], self.clock())
-            self.beat_once(give_up_at=next_slot)
-            slot = next_slot_after(slot, self.config["interval"], self.clock())
-            beat_at = slot + jitter_offset(self.rng, self.config["interval"],
-                                           self.config["jitter"])
-            if self.wait(beat_at - self.clock()):
+            result = self.beat_once(give_up_at=next_slot_after(slot, interval, self.clock()))
+            self.calm_beats = calm_after(self.calm_beats, result.ok)
+            if first:
+                slot, first = phase_anchor(slot, interval, self.rng), False
+            slot = next_beat_slot(slot, interval, self.clock(), self.calm_beats, jitter,
+                                  self.rng, self.not_before)
+            if self.wait(slot - self.clock()):
                 break
 
 
@@ -1171,7 +1201,105 @@ def next_slot_after(slot, interval, now):
 
 
 def jitter_offset(rng, interval, jitter_fraction):
-    return rng.uniform(-jitter_fraction, jitter_fraction) * interval
+    """How much earlier than its slot a failing agent's next beat comes (<= 0)."""
+    return -rng.uniform(0, jitter_fraction) * interval
+
+
+# The schedule and the retry policy, with next_slot_after and jitter_offset above: pure
+# functions of (state, clock, random source). Agent.run() and with_retries() call them, and
+# so does the fleet simulation (bench/fleet_load.py), which imports this file.
+
+
+def phase_anchor(first_beat_at, interval, rng):
+    """This agent's place in the interval, drawn once, after its first beat.
+
+    The first beat goes at start; the second comes uniformly 0.5 to 1.5 intervals later,
+    and from then on every interval after it. So a fleet that (re)started in the same
+    second is spread evenly over one interval from its second beat on. The phase is random
+    rather than derived from /etc/machine-id: cloned VMs and containers often share that
+    file, and hosts sharing a phase would beat in lockstep for ever.
+    """
+    return first_beat_at + (rng.random() - 0.5) * interval
+
+
+def next_beat_slot(slot, interval, now, calm_beats, jitter_fraction, rng, not_before=None):
+    """When the next beat goes, given the last beat's slot and the calm beats (calm_after).
+
+    Calm: the next slot of the fixed-rate schedule (next_slot_after), so the agent keeps
+    its phase and a fleet keeps the even spread it settled on.
+    The last beat failed: up to jitter_fraction of an interval EARLIER (jitter_offset),
+    never later, and the schedule moves with it: failing agents do not hit a busy server in
+    the same order beat after beat, and each is heard within one interval of the server's
+    return (about 1 + jitter_fraction / 2 requests per interval).
+    Congested (it succeeded, but a beat failed within the last CALM_AFTER_BEATS): the slot
+    congested_stretch() intervals on. A server that turns hosts away gets fewer requests
+    from those it just heard, and its capacity goes to the hosts that are still failing.
+    A server's Retry-After (not_before) skips the slots before it; missed slots are never
+    caught up in a burst.
+    """
+    if calm_beats == 0:
+        slot += jitter_offset(rng, interval, jitter_fraction)
+    if not_before is not None:
+        now = max(now, not_before)
+    slot = next_slot_after(slot, interval, now)
+    if 0 < calm_beats < CALM_AFTER_BEATS:
+        slot += (congested_stretch(interval) - 1) * interval
+    return slot
+
+
+def congested_stretch(interval):
+    """Intervals between the beats of a congested agent that succeed (1 to 3).
+
+    As many as fit in half the server's offline window, and at most CONGESTED_STRETCH_MAX
+    (half of a window of 6 intervals, for servers set to a shorter window), so after a
+    stretched beat there is room for several failing beats (one interval apart) before the
+    host shows offline: 3 at the default 30 s interval (a beat every 90 s), 1 from 90 s on.
+    """
+    return max(1, min(CONGESTED_STRETCH_MAX, int(SERVER_OFFLINE_AFTER_S / 2 // interval)))
+
+
+def calm_after(calm_beats, ok):
+    """Successful beats in a row, counted up to CALM_AFTER_BEATS; 0 after a failed beat."""
+    return min(CALM_AFTER_BEATS, calm_beats + 1) if ok else 0
+
+
+def attempts_allowed(consecutive_failures, calm_beats=CALM_AFTER_BEATS):
+    """The retry budget of a beat: MAX_ATTEMPTS_PER_BEAT while calm, else one request.
+
+    Retries within a beat help with a blip, not with an outage: there they multiply the
+    load of a server that is trying to recover. Once a beat has failed, each beat sends
+    one request until CALM_AFTER_BEATS beats in a row have succeeded.
+    """
+    if consecutive_failures == 0 and calm_beats >= CALM_AFTER_BEATS:
+        return MAX_ATTEMPTS_PER_BEAT
+    return 1
+
+
+def retry_pause(attempt, attempts, budget, now, timeout, give_up_at, rng):
+    """Seconds to wait before the next attempt of this beat, or None to end the beat.
+
+    None when the attempt succeeded, failed definitely, or used up the beat's `budget`
+    (attempts_allowed). Else the server's Retry-After, or exponential backoff with full
+    jitter (uniform in 0..min(cap, base * 2**n)); None too when the next attempt's whole
+    timeout would not fit before `give_up_at`, so a beat never runs into the next one.
+    """
+    if attempt.ok or not attempt.retryable or attempts >= budget:
+        return None
+    if attempt.retry_after_s is not None:
+        pause = attempt.retry_after_s
+    else:
+        backoff = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
+        pause = rng.uniform(0, backoff)
+    if now + pause + timeout > give_up_at:
+        return None
+    return pause
+
+
+def retry_not_before(attempt, now):
+    """The earliest time of the next beat after this attempt: Retry-After, capped, or None."""
+    if attempt.ok or attempt.retry_after_s is None:
+        return None
+    return now + min(attempt.retry_after_s, MAX_HOLD_BACK_S)
 
 
 # --------------------------------------------------------------------------- logging
