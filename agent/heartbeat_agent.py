@@ -121,7 +121,6 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 15.0
 MAX_ATTEMPTS_PER_BEAT = 4
 RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
-MAX_RETRY_AFTER_S = 86400.0
 
 # What the agent accepts from the wire and from its files.
 MAX_BODY_BYTES = 64 * 1024
@@ -140,9 +139,9 @@ RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,15}(\.[0-9]{1,9})?")
 FAILURE_SUMMARY_EVERY_S = 600.0
 
 # The schedule and the retry policy (the policy functions after the Agent class):
-# a Retry-After holds back the next beat at most this long: a proxy's "come back tomorrow"
-# or a server clock far ahead must not silence the host for hours.
-MAX_HOLD_BACK_S = 600.0
+# A Retry-After counts for at most this long (in a beat and for the next beat): a proxy's
+# "come back tomorrow" or a server clock far ahead must not silence the host for hours.
+MAX_RETRY_AFTER_S = 600.0
 # The StackSense server shows a host offline after this long without a heartbeat.
 SERVER_OFFLINE_AFTER_S = 180.0
 # After a failed beat the agent is congested until this many beats in a row succeed: one
@@ -1299,7 +1298,7 @@ def retry_not_before(attempt, now):
     """The earliest time of the next beat after this attempt: Retry-After, capped, or None."""
     if attempt.ok or attempt.retry_after_s is None:
         return None
-    return now + min(attempt.retry_after_s, MAX_HOLD_BACK_S)
+    return now + min(attempt.retry_after_s, MAX_RETRY_AFTER_S)
 
 
 # --------------------------------------------------------------------------- logging

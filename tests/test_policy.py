@@ -165,7 +165,7 @@ def test_retry_after_holds_back_the_next_beat_to_a_slot_after_it(agent_module):
 
 def test_a_retry_after_of_a_day_is_taken_as_ten_minutes(agent_module):
     not_before = agent_module.retry_not_before(Attempt(retry_after_s=86400.0), 100.0)
-    assert not_before == 100.0 + agent_module.MAX_HOLD_BACK_S == 700.0
+    assert not_before == 100.0 + agent_module.MAX_RETRY_AFTER_S == 700.0
     assert agent_module.retry_not_before(Attempt(ok=True, retry_after_s=9.0), 1.0) is None
     assert agent_module.retry_not_before(Attempt(), 1.0) is None
 
