@@ -379,7 +379,7 @@ def test_every_value_a_template_writes_goes_through_one_line():
             assert allowed.match(expression), f"{template}: {{{{{expression}}}}} is not guarded"
 
 
-def deploy(tmp_path, extra_vars, login_uid=None):
+def deploy(tmp_path, extra_vars, login_uid=None, host_vars=None):
     """playbooks/deploy.yml on localhost, logged in as root, up to the role's probe of the
     host and its checks (nothing is installed). Escalation would run a sudo that does not
     exist (ansible_become_exe), so any attempt fails, whether or not sudo is installed.
@@ -392,7 +392,7 @@ def deploy(tmp_path, extra_vars, login_uid=None):
         path_prefix.mkdir()
         (path_prefix / "id").write_text(f"#!/bin/sh\necho {login_uid}\n")
         (path_prefix / "id").chmod(0o755)
-    hosts = {"localhost": {"ansible_become_exe": str(tmp_path / "no-sudo-here")}}
+    hosts = {"localhost": host_vars or {"ansible_become_exe": str(tmp_path / "no-sudo-here")}}
     plays = [{"ansible.builtin.import_playbook": str(ROOT / "playbooks" / "deploy.yml")}]
     return run_playbook(
         tmp_path,
@@ -418,6 +418,21 @@ def test_deploy_logged_in_as_another_user_escalates_with_the_become_method(tmp_p
     results, _ = deploy(tmp_path, {}, login_uid=1000)
     assert results["Read the login user's uid"]["localhost"]["stdout"].strip() == "1000"
     assert "no-sudo-here" in json.dumps(results["Probe the host"]["localhost"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="logs in as the current user, which must be root")
+def test_deploy_escalates_with_su_when_the_inventory_says_so(tmp_path):
+    # su from root to root asks for no password; a wrapper records that it ran.
+    calls = tmp_path / "su-calls"
+    wrapper = tmp_path / "su"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >>{calls}\nexec /bin/su "$@"\n')
+    wrapper.chmod(0o755)
+    host_vars = {"ansible_become_method": "su", "ansible_become_exe": str(wrapper)}
+    results, _ = deploy(tmp_path, {}, login_uid=1000, host_vars=host_vars)
+    probe = results["Probe the host"]["localhost"]
+    assert not probe.get("failed"), probe.get("msg")
+    assert "pid1=" in probe["stdout"]
+    assert calls.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="logs in as the current user, which must be root")
