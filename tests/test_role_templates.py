@@ -328,7 +328,7 @@ def test_no_value_with_a_line_break_reaches_the_file_even_without_preflight(
             hosts[f"{variable}_{number}"] = {
                 variable: value + line_break + "ExecStartPre=+/bin/true"
             }
-            hosts[f"{variable}_{number}_final"] = {variable: value + line_break}
+        hosts[f"{variable}_final"] = {variable: value + "\n"}  # what `$` lets through
     hosts["token_mode"] = {"stacksense_api_token": "tok-1"}
     results, out_dir = render(tmp_path, template, hosts, manager)
     assert not results["token_mode"].get("failed"), results["token_mode"].get("msg")
@@ -339,6 +339,15 @@ def test_no_value_with_a_line_break_reaches_the_file_even_without_preflight(
         assert "holds a line break or control character" in results[host]["msg"]
         assert "ExecStartPre" not in results[host]["msg"]  # the value is not shown
         assert not (out_dir / host).exists()
+
+
+def test_preflight_refuses_an_unsafe_internal_value_set_with_extra_vars(tmp_path):
+    extra = {"__stacksense_cron_user": "stacksense\n* * * * * root /bin/sh"}
+    results, _ = run_playbook(
+        tmp_path, {"h": {}}, [play([var_check_task()])], ["-e", json.dumps(extra)]
+    )
+    assert results["Check the role's variables"]["h"].get("failed")
+    assert "internal paths or cron user" in results["Check the role's variables"]["h"]["msg"]
 
 
 def test_the_refusal_names_the_setting(tmp_path):
@@ -379,7 +388,7 @@ def test_every_value_a_template_writes_goes_through_one_line():
             assert allowed.match(expression), f"{template}: {{{{{expression}}}}} is not guarded"
 
 
-def deploy(tmp_path, extra_vars, login_uid=None, host_vars=None):
+def deploy(tmp_path, extra_vars, login_uid=None, host_vars=None, playbook="deploy.yml"):
     """playbooks/deploy.yml on localhost, logged in as root, up to the role's probe of the
     host and its checks (nothing is installed). Escalation would run a sudo that does not
     exist (ansible_become_exe), so any attempt fails, whether or not sudo is installed.
@@ -393,7 +402,7 @@ def deploy(tmp_path, extra_vars, login_uid=None, host_vars=None):
         (path_prefix / "id").write_text(f"#!/bin/sh\necho {login_uid}\n")
         (path_prefix / "id").chmod(0o755)
     hosts = {"localhost": host_vars or {"ansible_become_exe": str(tmp_path / "no-sudo-here")}}
-    plays = [{"ansible.builtin.import_playbook": str(ROOT / "playbooks" / "deploy.yml")}]
+    plays = [{"ansible.builtin.import_playbook": str(ROOT / "playbooks" / playbook)}]
     return run_playbook(
         tmp_path,
         hosts,
@@ -439,4 +448,13 @@ def test_deploy_escalates_with_su_when_the_inventory_says_so(tmp_path):
 def test_deploy_with_a_hostile_install_dir_stops_before_the_probe(tmp_path):
     results, _ = deploy(tmp_path, {"stacksense_install_dir": "/opt/x" + INJECTION})
     assert results["Check the role's variables"]["localhost"].get("failed")
+    assert "localhost" not in results.get("Probe the host", {})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="logs in as the current user, which must be root")
+def test_remove_logged_in_as_root_escalates_nothing_and_refuses_to_remove_slash(tmp_path):
+    results, _ = deploy(tmp_path / "good", {}, playbook="remove.yml")
+    assert not results["Probe the host"]["localhost"].get("failed")
+    results, _ = deploy(tmp_path / "slash", {"stacksense_install_dir": "/"}, playbook="remove.yml")
+    assert '"/"' in results["Check the role's variables"]["localhost"]["msg"]
     assert "localhost" not in results.get("Probe the host", {})
