@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-AGENT_VERSION = "1.0.0"
+AGENT_VERSION = "1.1.0"
 AGENT_NAME = "stacksense-agent"
 
 DEFAULT_CONFIG_PATH = "~/.stacksense_heartbeat.conf"
