@@ -103,7 +103,7 @@ def test_the_state_file_records_success_then_failure(server, make_agent, tmp_pat
     agent = make_agent(server.url)
     assert agent.beat_once().ok
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["agent_version"] == "1.0.0"
+    assert state["agent_version"] == "1.1.0"
     assert state["server_id"] == 42 and state["server_name"] == "web-01"
     assert state["pid"] == os.getpid()
     assert state["last_success_at"] == state["last_attempt_at"]
@@ -134,7 +134,7 @@ def test_under_journald_lines_carry_a_priority_and_no_timestamp(server):
     time.sleep(0.2)
     _, _, err = stop_and_time(process)
     lines = err.splitlines()
-    assert lines[0].startswith("<6>stacksense-agent 1.0.0 starting")
+    assert lines[0].startswith("<6>stacksense-agent 1.1.0 starting")
     assert any(line.startswith("<4>heartbeat failed: HTTP 404") for line in lines)
 
 
