@@ -85,7 +85,8 @@ def podman(*args, check=True, input=None, timeout=600):
     result = subprocess.run(["podman", *args], env=_env(), input=input, timeout=timeout,
                             capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise TestHostError(f"podman {' '.join(args[:3])} ...: {result.stderr.strip()}")
+        raise TestHostError(f"podman {' '.join(args[:3])} ... exited {result.returncode}: "
+                            f"{result.stderr.strip() or result.stdout.strip()}")
     return result
 
 
@@ -219,6 +220,9 @@ def start(name, image, *, hostname=None, labels=(), replace=False, network=None,
         result = "started"
     pin_bridge(network)
     if ssh_user:
+        if podman("container", "inspect", "--format", "{{.State.Status}}",
+                  name).stdout.strip() != "running":
+            raise TestHostError(f"{name}: systemd exited at once; {inotify_hint()}")
         setup_ssh(name, ssh_user, Path(ssh_key).read_text() if ssh_key else "")
     if wait and systemd:
         wait_booted([name], boot_timeout)
@@ -239,6 +243,10 @@ def wait_booted(names, timeout=BOOT_TIMEOUT):
                            check=False).stdout.strip()
             if state in ("running", "degraded"):
                 break
+            status = podman("container", "inspect", "--format", "{{.State.Status}}", name,
+                            check=False).stdout.strip()
+            if status in ("exited", "stopped"):
+                raise TestHostError(f"{name}: systemd exited at once; {inotify_hint()}")
             if time.monotonic() > deadline:
                 raise TestHostError(f"{name}: systemd did not finish booting within "
                                     f"{timeout} s (state: {state or 'unknown'})")
@@ -249,6 +257,22 @@ def wait_booted(names, timeout=BOOT_TIMEOUT):
                             check=False).stdout.strip()
             print(f"testhost: {name} is degraded: {failed}", file=sys.stderr)
     return states
+
+
+def inotify_hint():
+    """Why a container's systemd may die silently: every systemd takes inotify instances."""
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    used = 0
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            used += sum(1 for fd in fd_dir.iterdir() if os.readlink(fd) == "anon_inode:inotify")
+        except OSError:
+            continue
+    if used >= limit * 0.9:
+        return (f"inotify instances are exhausted ({used} in use, fs.inotify.max_user_instances "
+                f"= {limit}): stop other containers or raise it, e.g. "
+                "sysctl -w fs.inotify.max_user_instances=1024")
+    return "see podman logs and podman inspect for why"
 
 
 def address(name):
