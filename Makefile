@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export NO_COLOR := 1
 SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience
 
-.PHONY: venv lint unit images molecule test clean
+.PHONY: venv prereqs lint unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
 
 venv: $(VENV)/.installed
@@ -18,12 +18,18 @@ $(VENV)/.installed: requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# What make test needs on the machine (podman, runc, debootstrap, iptables, ssh-keygen, the
+# Debian keyring, python3-venv): apt-get installs the missing ones, once. Root.
+prereqs:
+	scripts/demo.sh prereqs
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/vermin --no-tips --violations --target=3.6- agent/heartbeat_agent.py \
 		receiver/stacksense_receiver.py
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
+	$(BIN)/antsibull-changelog lint
 
 unit: venv
 	$(BIN)/pytest -q tests
@@ -37,7 +43,27 @@ molecule: venv images
 		$(BIN)/molecule test -s $$scenario; \
 	done
 
-test: lint unit molecule demo-check
+# The artifact of `ansible-galaxy collection build`, installed, deploys a host from a
+# playbook outside the repository (scripts/delivery_test.py; about 2 min).
+collection-test: venv images
+	$(BIN)/python scripts/delivery_test.py collection
+
+# The test EE (execution-environment-test.yml) built with ansible-builder on a debootstrap
+# Debian base, then playbooks/deploy.yml through ansible-runner (process isolation, worker
+# mode) over SSH with sudo. Images are reused while their inputs are unchanged.
+# EE_CA_BUNDLE: a CA bundle mounted into the EE build so that pip trusts this network's
+# certificates; empty by default, set here only when this machine has a system bundle.
+EE_CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+ee-test: venv images
+	EE_CA_BUNDLE="$(EE_CA_BUNDLE)" $(BIN)/python scripts/delivery_test.py ee
+
+# Release the fragments in changelogs/fragments as VERSION (galaxy.yml's version):
+#   make changelog VERSION=1.2.0
+changelog: venv
+	@test -n "$(VERSION)" || { echo "make changelog: set VERSION, e.g. VERSION=1.2.0" >&2; exit 2; }
+	$(BIN)/antsibull-changelog release --version "$(VERSION)"
+
+test: prereqs lint unit molecule collection-test ee-test demo-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

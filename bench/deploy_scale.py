@@ -2,7 +2,7 @@
 """Deploy-at-scale benchmark: playbooks/deploy.yml against bench/baseline.yml on N containers.
 
 For each N and each variant (the role or the baseline, with some settings) it starts N fresh
-debian12 containers (systemd as PID 1, podman, like molecule/shared/create.yml), then times
+debian12 containers (systemd as PID 1, podman: scripts/testhost.py, as Molecule does), then times
 three runs of the playbook on them:
 
   first    the first deploy on fresh hosts
@@ -48,6 +48,9 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import testhost  # noqa: E402  (the one way to start a test host)
+
 VENV_BIN = ROOT / ".venv" / "bin"
 WORK = ROOT / "build" / "deploy_scale"
 LOGS = WORK / "logs"
@@ -149,21 +152,8 @@ def ssh_key():
 
 
 def ensure_ssh_image(base):
-    """`base` plus openssh-server and root's authorized key (this benchmark's own key)."""
-    image = base + "-ssh"
-    if podman("image", "exists", image, check=False).returncode == 0:
-        return image
-    log(f"building {image} (openssh-server, root key)")
-    name = PREFIX + "seed-ssh"
-    podman("rm", "-f", "-t", "0", name, check=False)
-    pub = ssh_key().with_suffix(".pub")
-    podman("run", "--name", name, "--label", LABEL, "-v", f"{pub}:/tmp/key.pub:ro,Z", base,
-           "sh", "-euc", "DEBIAN_FRONTEND=noninteractive apt-get -qy install openssh-server "
-           ">/dev/null; install -d -m 0700 /root/.ssh; "
-           "install -m 0600 /tmp/key.pub /root/.ssh/authorized_keys")
-    podman("commit", "--quiet", name, image)
-    podman("rm", "-f", name)
-    return image
+    """`base` plus openssh-server, sshd enabled (scripts/testhost.py); keys go in at start."""
+    return testhost.ensure_ssh_image(base)
 
 
 def our_containers():
@@ -178,39 +168,27 @@ def remove_containers(names=None):
 
 
 def start_containers(n, image, seeded, ssh=False):
+    """N fresh test hosts from scripts/testhost.py (ssh: root logs in with this benchmark's key)."""
     names = [f"{PREFIX}{i:02d}" for i in range(1, n + 1)]
+    try:
+        for i, name in enumerate(names, 1):
+            testhost.start(name, image, hostname=f"bench-{i:02d}", labels=[LABEL], replace=True,
+                           ssh_user="root" if ssh else None,
+                           ssh_key=str(ssh_key().with_suffix(".pub")) if ssh else None,
+                           wait=False)
+        # 20 containers on 2 busy cores can take minutes
+        testhost.wait_booted(names, timeout=600)
+    except testhost.TestHostError as error:
+        raise SystemExit(str(error)) from None
     for name in names:
-        exists = podman("container", "exists", name, check=False).returncode == 0
-        if exists:
-            labels = podman("inspect", "--format", "{{json .Config.Labels}}", name).stdout
-            if '"stacksense.bench":"deploy_scale"' not in labels.replace(" ", ""):
-                raise SystemExit(f"{name} exists and was not created by this benchmark")
-            podman("rm", "-f", "-t", "0", name)
-    for i, name in enumerate(names, 1):
-        podman("run", "-d", "--name", name, "--hostname", f"bench-{i:02d}", "--label", LABEL,
-               "--systemd=always", "--cap-add", "SYS_ADMIN",
-               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
-               image, "/sbin/init")
-    deadline = time.monotonic() + 600  # 20 containers on 2 busy cores can take minutes
-    for name in names:
-        while True:
-            state = podman("exec", name, "systemctl", "is-system-running", check=False).stdout
-            if state.strip() in ("running", "degraded"):
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not boot: {state.strip()!r}")
-            time.sleep(0.5)
         if seeded:  # apt's cache_valid_time looks at this stamp: lists count as fresh
             podman("exec", name, "sh", "-c", "mkdir -p /var/lib/apt/periodic && "
                    "touch /var/lib/apt/periodic/update-success-stamp /var/lib/apt/lists")
-        if ssh:
-            podman("exec", name, "systemctl", "start", "ssh.service")
     return names
 
 
 def addresses(names):
-    return [podman("inspect", "--format", "{{.NetworkSettings.IPAddress}}", name).stdout.strip()
-            for name in names]
+    return [testhost.address(name) for name in names]
 
 
 def cpu_files(names):

@@ -100,8 +100,10 @@ apt_install_missing() { # PACKAGE...
 ensure_prereqs() {
   require_root
   command -v apt-get >/dev/null || die "apt-get not found: the demo needs Debian or Ubuntu"
-  # python3-venv for `make venv`; the keyring for scripts/build-images.sh.
-  apt_install_missing podman runc debootstrap iptables debian-archive-keyring python3-venv
+  # python3-venv for `make venv`; the keyring for scripts/build-images.sh; openssh-client
+  # (ssh-keygen) for `make ee-test`. `make prereqs` (part of `make test`) runs this too.
+  apt_install_missing podman runc debootstrap iptables debian-archive-keyring python3-venv \
+    openssh-client
 }
 
 ensure_venv() {
@@ -148,7 +150,7 @@ is_demo_network() {
 }
 
 # The demo's containers get their own bridge, so that other containers on this
-# machine coming and going never disturb the fleet (see pin_bridge_mac).
+# machine coming and going never disturb the fleet (see pin_bridge in scripts/testhost.py).
 ensure_network() {
   if podman network exists "$NETWORK"; then
     is_demo_network || die "a podman network named $NETWORK exists but was not made by the demo"
@@ -158,20 +160,10 @@ ensure_network() {
   podman network create --label "$LABEL" "$NETWORK" >/dev/null
 }
 
-# A Linux bridge takes the lowest MAC address of its ports unless its address
-# was set explicitly. So when a container whose port lent the bridge its MAC
-# stops (make demo-outage), the bridge's MAC changes, and the other containers,
-# still sending to the old MAC from their ARP cache, lose the host (and so the
-# receiver) for up to a minute: a healthy host would turn offline too. Setting
-# the bridge's MAC to its current value pins it. netavark deletes the bridge
-# when the last container leaves it, hence this after every start.
-pin_bridge_mac() {
-  local bridge
-  bridge="$(podman network inspect --format '{{.NetworkInterface}}' "$NETWORK")"
-  [[ -n $bridge && -e /sys/class/net/$bridge ]] || return 0
-  [[ $(cat "/sys/class/net/$bridge/addr_assign_type") == 3 ]] && return 0 # 3: set explicitly
-  ip link set dev "$bridge" address "$(cat "/sys/class/net/$bridge/address")"
-}
+# Every demo container is a test host from scripts/testhost.py (systemd as PID 1, runc,
+# SYS_ADMIN, fixed ulimits; it also pins the bridge's MAC address, so that a demo-outage does
+# not cut the other hosts off the receiver). This only names and labels them.
+TESTHOST="$REPO_DIR/scripts/testhost.py"
 
 start_container() { # INDEX
   local name="$PREFIX$1" state
@@ -181,46 +173,34 @@ start_container() { # INDEX
   fi
   case "$state" in
     running) log "$name: running, reusing it" ;;
-    "")
-      log "$name: starting from $(image_for "$1")"
-      podman run --detach --name "$name" --hostname "demo-$1" --label "$LABEL" \
-        --network "$NETWORK" \
-        --systemd=always --cap-add SYS_ADMIN \
-        --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
-        "$(image_for "$1")" /sbin/init >/dev/null
-      ;;
-    *)
-      log "$name: $state, starting it again"
-      podman start "$name" >/dev/null
-      ;;
+    "") log "$name: starting from $(image_for "$1")" ;;
+    *) log "$name: $state, starting it again" ;;
   esac
+  python3 "$TESTHOST" start "$name" --image "$(image_for "$1")" --hostname "demo-$1" \
+    --label "$LABEL" --network "$NETWORK" --no-wait >/dev/null
 }
 
-wait_booted() { # NAME
-  local name=$1 state="" waited=0
-  while ((waited < BOOT_TIMEOUT)); do
-    state="$(podman exec "$name" systemctl is-system-running 2>/dev/null || true)"
-    [[ $state == running || $state == degraded ]] && return 0
-    sleep 1
-    waited=$((waited + 1))
-  done
-  die "$name: systemd did not finish booting within $BOOT_TIMEOUT s (state: ${state:-unknown})"
+wait_booted() { # NAME...
+  python3 "$TESTHOST" wait --boot-timeout "$BOOT_TIMEOUT" "$@" >/dev/null ||
+    die "$*: systemd did not finish booting within $BOOT_TIMEOUT s"
 }
 
 ensure_containers() {
-  local i name
+  local i name names=()
   ensure_network
-  for ((i = 1; i <= HOSTS; i++)); do start_container "$i"; done
-  pin_bridge_mac
+  for ((i = 1; i <= HOSTS; i++)); do
+    start_container "$i"
+    names+=("$PREFIX$i")
+  done
   # A smaller DEMO_HOSTS than last time: drop the extra demo containers.
   for name in $(demo_containers); do
     if ((${name#"$PREFIX"} > HOSTS)); then
       log "$name: beyond DEMO_HOSTS=$HOSTS, removing it"
-      podman rm --force --time 5 "$name" >/dev/null
+      python3 "$TESTHOST" remove --label "$LABEL" "$name" >/dev/null
     fi
   done
   log "waiting for systemd to boot in the containers"
-  for ((i = 1; i <= HOSTS; i++)); do wait_booted "$PREFIX$i"; done
+  wait_booted "${names[@]}"
 }
 
 # ---------------------------------------------------------------- receiver
@@ -418,8 +398,7 @@ cmd_restore() { # HOST
   name="$(container_of "$1")"
   is_demo_container "$name" || die "no demo container $name (make demo DEMO_HOSTS=...?)"
   log "$name: podman start (systemd boots; the agent is enabled and starts at boot)"
-  podman start "$name" >/dev/null
-  pin_bridge_mac
+  start_container "${name#"$PREFIX"}"
   wait_booted "$name"
   log "waiting for demo-${name#"$PREFIX"}'s next heartbeat"
   python3 "$FLEET_STATUS" "$URL" --wait-online 60 --server "demo-${name#"$PREFIX"}"
@@ -432,7 +411,7 @@ cmd_down() {
   local name
   for name in $(demo_containers); do
     log "$name: removing"
-    podman rm --force --time 5 "$name" >/dev/null
+    python3 "$TESTHOST" remove --label "$LABEL" "$name" >/dev/null
   done
   if is_demo_network; then
     log "podman network rm $NETWORK"
