@@ -533,7 +533,7 @@ def test_the_cli_announces_its_address_logs_records_and_exits_0_on_a_stop_signal
                              verify=pki["ca"], timeout=5)
         log_line = process.stdout.readline()
         process.send_signal(stop_signal)
-        assert process.wait(timeout=5) == 0
+        assert process.wait(timeout=15) == 0  # generous: CI machines can be loaded
     finally:
         if process.poll() is None:
             process.kill()
