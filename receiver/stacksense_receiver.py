@@ -9,13 +9,18 @@ keeps everything in memory.
 
 Agent-facing API (mirrors the real server):
   POST /api/heartbeat/<id>/   legacy API, body {"agent_version": "..."}
-                              200 known id, 404 unknown or non-numeric id,
+                              200 known id (whatever the body: the real server
+                              ignores a body it cannot read), 404 JSON unknown id,
                               301 to the slashed path if the slash is missing,
-                              405 (Allow: POST) for other methods, 400 bad JSON,
+                              405 (Allow: POST) for other methods,
                               403 HTML "CSRF verification failed" in csrf mode.
-  POST /api/agent/heartbeat/  token API, header "Authorization: Bearer <token>";
-                              200, 401 for a missing/malformed/unknown token.
+  POST /api/agent/heartbeat/  token API, header "Authorization: Bearer <token>"
+                              (the token may be padded with spaces, as the real
+                              server strips it); 200 with any or no body, 401 for
+                              a missing/malformed/unknown token.
   GET  /api/agent/ping/       token check: 200 with the server identity, or 401.
+  Any other path              404 with Django's HTML "Not Found" page, like the
+                              real server (a non-numeric id too).
 
 Receiver-only endpoints (do not exist on the real server):
   GET    /                    HTML status page (refreshes every 5 s)
@@ -30,6 +35,8 @@ Receiver-only endpoints (do not exist on the real server):
 
 Run:  python3 receiver/stacksense_receiver.py --listen 127.0.0.1:8080 \
           --server 1:web-01 --server 2:web-02:TOKEN
+      HTTPS: add --tls-cert server.pem --tls-key server.key (PEM files; the
+      certificate file may hold the chain after the server's certificate).
 Import:  make_server(servers, host="127.0.0.1", port=0, ...) -> server with
          .url, .serve_forever(), .shutdown(), .server_close() and .store.
 
@@ -46,6 +53,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -61,6 +69,7 @@ UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 FAULT_PREFIXES = ("/api/heartbeat/", "/api/agent/")
 SERVER_ID_IN_PATH = re.compile(r"/api/heartbeat/([0-9]+)/?")
 BEARER_PREFIX = "Bearer "
+TLS_HANDSHAKE_TIMEOUT_S = 10
 EXIT_CONFIG_ERROR = 2
 EXIT_LISTEN_ERROR = 1
 
@@ -83,6 +92,18 @@ ROUTES = (
           {"DELETE": "admin_clear_records"}, False, True),
     Route(re.compile(r"/"), {"GET": "html_status_page"}, False, True),
 )
+
+# Django's page for an unknown path when DEBUG is off (the real server's answer).
+NOT_FOUND_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <title>Not Found</title>
+</head>
+<body>
+  <h1>Not Found</h1><p>The requested resource was not found on this server.</p>
+</body>
+</html>
+"""
 
 CSRF_FAILURE_PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -144,13 +165,19 @@ def iso_utc(timestamp):
 
 
 def bearer_token(header):
-    """Return the token of an exact "Bearer <token>" header, else None."""
+    """The token of a "Bearer <token>" header, stripped like the real server does, else None.
+
+    "Bearer   tok " gives "tok"; "bearer tok", "Token tok" and "Bearer " give None. A token
+    with a space inside ("Bearer tok extra") is returned as it is and matches no server.
+    """
     if not header or not header.startswith(BEARER_PREFIX):
         return None
-    token = header[len(BEARER_PREFIX):]
-    if not token or any(char.isspace() for char in token):
-        return None
-    return token
+    return header[len(BEARER_PREFIX):].strip() or None
+
+
+def is_valid_token(token):
+    """A configured token: a non-empty string without white space."""
+    return isinstance(token, str) and bool(token) and not any(c.isspace() for c in token)
 
 
 def find_route(path):
@@ -177,8 +204,7 @@ def _validate_server(entry, where):
         raise ConfigError(f"{where}: id must be a positive integer")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{where}: name must be a non-empty string")
-    bad_token = not isinstance(token, str) or bearer_token(BEARER_PREFIX + token) is None
-    if token is not None and bad_token:
+    if token is not None and not is_valid_token(token):
         raise ConfigError(f"{where}: token must be a non-empty string without spaces")
     return {"id": server_id, "name": name, "token": token}
 
@@ -225,6 +251,22 @@ def parse_server_flag(text):
     if len(parts) == 3:
         server["token"] = parts[2]
     return server
+
+
+def make_tls_context(cert_file, key_file):
+    """A server-side TLS context for --tls-cert/--tls-key; None when neither is given."""
+    if cert_file is None and key_file is None:
+        return None
+    if cert_file is None or key_file is None:
+        raise ConfigError("--tls-cert and --tls-key go together: give both for HTTPS, "
+                          "or neither for plain HTTP")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the certificate {cert_file} with the key {key_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
 
 
 def parse_listen(text):
@@ -426,9 +468,9 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
         getattr(self, route.methods[method])(**match.groupdict())
 
     def _redirect_or_not_found(self, url):
-        """Like Django's APPEND_SLASH: 301 to path + "/" if that is a route."""
+        """Like Django's APPEND_SLASH: 301 to path + "/" if that is a route; else its HTML 404."""
         if url.path.endswith("/") or find_route(url.path + "/")[0] is None:
-            raise ApiError(404, "Not found")
+            return self._send(404, "text/html; charset=utf-8", NOT_FOUND_PAGE.encode("utf-8"))
         location = url.path + "/" + ("?" + url.query if url.query else "")
         self._send(301, "text/html; charset=utf-8", b"", {"Location": location})
 
@@ -456,7 +498,7 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def _json_body(self):
-        """The request body as a JSON object, or ApiError 400."""
+        """The request body as a JSON object, or ApiError 400 (receiver-only endpoints)."""
         try:
             data = json.loads(self._body.decode("utf-8"))
         except ValueError:
@@ -466,15 +508,27 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
         return data
 
     def _agent_version(self):
-        version = self._json_body().get("agent_version")
-        if version is not None and not isinstance(version, str):
-            raise ApiError(400, "agent_version must be a string")
-        return version
+        """The body's agent_version, or None: like the real server, a heartbeat is accepted
+        whatever its body (empty, not JSON, not an object); a version that is not a string
+        is recorded as its JSON text."""
+        try:
+            data = json.loads(self._body.decode("utf-8")) if self._body else None
+        except ValueError:
+            return None
+        version = data.get("agent_version") if isinstance(data, dict) else None
+        if version is None or isinstance(version, str):
+            return version
+        return json.dumps(version)
 
     def _token_server(self):
-        server = self.server.store.server_by_token(bearer_token(self.headers.get("Authorization")))
+        """The server of the request's token, or the real server's 401 answers."""
+        token = bearer_token(self.headers.get("Authorization"))
+        if token is None:
+            raise ApiError(401, "missing or malformed Authorization header",
+                           {"WWW-Authenticate": "Bearer"})
+        server = self.server.store.server_by_token(token)
         if server is None:
-            raise ApiError(401, "Invalid or missing token", {"WWW-Authenticate": "Bearer"})
+            raise ApiError(401, "invalid or disabled token", {"WWW-Authenticate": "Bearer"})
         return server
 
     def _filters(self):
@@ -582,17 +636,23 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
 
 
 class ReceiverServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """Threaded HTTP server holding the store, the options and the request log."""
+    """Threaded HTTP(S) server holding the store, the options and the request log.
+
+    With a TLS context each connection's handshake runs in its own thread (not in the
+    accepting one), so a client that stalls or rejects the certificate holds up nobody.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, store, legacy_csrf=False, accept_any=False, log=None):
+    def __init__(self, address, store, legacy_csrf=False, accept_any=False, log=None,
+                 tls_context=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
         self.legacy_csrf = legacy_csrf
         self.accept_any = accept_any
+        self.tls_context = tls_context
         self._log_stream = log
         self._log_lock = threading.Lock()
         http.server.HTTPServer.__init__(self, address, ReceiverHandler)
@@ -602,12 +662,22 @@ class ReceiverServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    def finish_request(self, request, client_address):
+        if self.tls_context is None:
+            return http.server.HTTPServer.finish_request(self, request, client_address)
+        request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        with self.tls_context.wrap_socket(request, server_side=True) as tls_request:
+            tls_request.settimeout(None)
+            self.RequestHandlerClass(tls_request, client_address, self)
+        return None
+
     @property
     def url(self):
         host, port = self.server_address[:2]
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{port}"
+        scheme = "http" if self.tls_context is None else "https"
+        return f"{scheme}://{host}:{port}"
 
     def log(self, line):
         if self._log_stream is None:
@@ -621,9 +691,15 @@ class ReceiverServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
+        # A failed TLS handshake (e.g. the client does not trust the certificate) is one line.
+        if isinstance(error, (ssl.SSLError, socket.timeout)):
+            self.log(f"{iso_utc(self.store.now())} {client_address[0]} TLS handshake failed: "
+                     f"{error}")
+            return None
         if not isinstance(error, ConnectionError):
             return socketserver.TCPServer.handle_error(self, request, client_address)
         self.log(f"{iso_utc(self.store.now())} {client_address[0]} connection error: {error}")
+        return None
 
     def server_close(self):
         http.server.HTTPServer.server_close(self)
@@ -631,21 +707,24 @@ class ReceiverServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 def make_server(servers, host="127.0.0.1", port=0, offline_after=DEFAULT_OFFLINE_AFTER,
-                legacy_csrf=False, accept_any=False, clock=time.time, record=None, log=None):
+                legacy_csrf=False, accept_any=False, clock=time.time, record=None, log=None,
+                tls_cert=None, tls_key=None):
     """Build a bound (not yet serving) receiver.
 
     servers: list of {"id": int, "name": str, "token": optional str}.
     record: optional file path; every accepted heartbeat is appended as a JSON line.
     log: optional text stream for one line per request (None = silent).
+    tls_cert, tls_key: PEM files; both given: HTTPS (its .url says https://).
     Raises ConfigError (a ValueError) for bad servers/options, OSError if it cannot bind.
     """
     if not offline_after > 0:
         raise ConfigError("offline_after must be a positive number of seconds")
+    tls_context = make_tls_context(tls_cert, tls_key)
     store = Store(validate_servers(servers), clock=clock, offline_after=offline_after,
                   record_path=record)
     try:
         return ReceiverServer((host, port), store, legacy_csrf=legacy_csrf,
-                              accept_any=accept_any, log=log)
+                              accept_any=accept_any, log=log, tls_context=tls_context)
     except BaseException:
         store.close()
         raise
@@ -692,6 +771,10 @@ def build_parser():
                                                 "(default %(default).0f)")
     parser.add_argument("--record", metavar="FILE",
                         help="also append every accepted heartbeat to FILE as a JSON line")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    parser.add_argument("--tls-key", metavar="FILE",
+                        help="the PEM private key of --tls-cert")
     return parser
 
 
@@ -722,7 +805,8 @@ def main(argv=None):
         host, port = parse_listen(args.listen)
         server = make_server(collect_servers(args), host=host, port=port,
                              offline_after=args.offline_after, legacy_csrf=args.legacy_csrf,
-                             accept_any=args.accept_any, record=args.record, log=sys.stdout)
+                             accept_any=args.accept_any, record=args.record, log=sys.stdout,
+                             tls_cert=args.tls_cert, tls_key=args.tls_key)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

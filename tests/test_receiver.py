@@ -1,10 +1,14 @@
 """Tests for receiver/stacksense_receiver.py, the reference heartbeat receiver.
 
-Each test talks HTTP (requests) to a real receiver bound to 127.0.0.1:0 and
-served from a thread; time is an injected fake clock, so nothing sleeps.
+Each test talks HTTP(S) (requests) to a real receiver bound to 127.0.0.1:0 and
+served from a thread; time is an injected fake clock, so nothing sleeps. The
+HTTPS tests use a throwaway CA and server certificate made for the session.
 """
 
+import datetime
 import importlib.util
+import io
+import ipaddress
 import json
 import re
 import signal
@@ -15,6 +19,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 RECEIVER_PATH = Path(__file__).resolve().parents[1] / "receiver" / "stacksense_receiver.py"
 SERVERS = [
@@ -106,6 +114,56 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=10)
 
 
+# ---------------------------------------------------------------- a throwaway PKI
+
+
+def _name(common_name):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject, issuer, public_key, signing_key, extensions):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1)))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _pem(certificate):
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _make_ca(directory, name):
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate(name, name, key.public_key(), key,
+                      [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    (directory / f"{name}.pem").write_bytes(_pem(ca))
+    return ca, key
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA, a server certificate it signed for localhost and 127.0.0.1, and another CA."""
+    directory = tmp_path_factory.mktemp("pki")
+    _, ca_key = _make_ca(directory, "test-ca")
+    _make_ca(directory, "other-ca")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName([
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = _certificate("localhost", "test-ca", server_key.public_key(), ca_key,
+                          [(san, False), (x509.BasicConstraints(ca=False, path_length=None), True)])
+    (directory / "server.pem").write_bytes(_pem(server))
+    (directory / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return {"ca": str(directory / "test-ca.pem"), "other_ca": str(directory / "other-ca.pem"),
+            "cert": str(directory / "server.pem"), "key": str(directory / "server.key")}
+
+
 # ---------------------------------------------------------------- legacy API
 
 
@@ -133,6 +191,16 @@ def test_it_answers_404_for_a_non_numeric_server_id(http, receiver):
     assert legacy_heartbeat(http, receiver, "web-01").status_code == 404
 
 
+@pytest.mark.parametrize("path", ["/api/nothing/", "/api/heartbeat/web-01/", "/favicon.ico"])
+def test_it_answers_an_unknown_path_with_the_real_servers_html_404_page(http, receiver, path):
+    response = http.post(receiver.url + path, json=HEARTBEAT, allow_redirects=False, timeout=5)
+
+    assert response.status_code == 404
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert "<h1>Not Found</h1>" in response.text
+    assert [r["status"] for r in receiver.store.requests()] == [404]
+
+
 def test_it_redirects_a_heartbeat_path_without_trailing_slash_with_301(http, receiver):
     response = http.post(receiver.url + "/api/heartbeat/1", json=HEARTBEAT,
                          allow_redirects=False, timeout=5)
@@ -152,14 +220,16 @@ def test_it_answers_405_with_allow_post_for_get_and_put_on_a_heartbeat_path(
     assert response.json() == {"error": "Method not allowed"}
 
 
-@pytest.mark.parametrize("body", ["not json", "[1, 2]", '{"agent_version": 7}'])
-def test_it_answers_400_for_a_heartbeat_body_that_is_not_a_json_object(http, receiver, body):
+@pytest.mark.parametrize(("body", "recorded_version"), [
+    ("", None), ("not json", None), ("[1, 2]", None), ('{"agent_version": 7}', "7")])
+def test_it_accepts_a_legacy_heartbeat_whatever_its_body_like_the_real_server(
+        http, receiver, body, recorded_version):
     response = legacy_heartbeat(http, receiver, 1, json=None, data=body,
                                 headers={"Content-Type": "application/json"})
 
-    assert response.status_code == 400
-    assert "error" in response.json()
-    assert receiver.store.heartbeats() == []
+    assert response.status_code == 200
+    assert response.json()["heartbeat_received"] is True
+    assert [h["agent_version"] for h in receiver.store.heartbeats()] == [recorded_version]
 
 
 def test_it_rejects_legacy_heartbeats_with_the_csrf_page_in_csrf_mode(http, start_receiver):
@@ -197,19 +267,41 @@ def test_it_accepts_a_token_heartbeat_and_identifies_the_server_by_its_token(htt
     assert (record["server_id"], record["api"]) == (1, "token")
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Bearer wrong"},
-    {"Authorization": "Bearer "},
-    {"Authorization": "Token tok-1"},
-    {"Authorization": "bearer tok-1"},
-    {"Authorization": "Bearer tok-1 extra"},
+@pytest.mark.parametrize("body", [None, b"", b"not json", b"[1, 2]", b'{"other": true}'])
+def test_it_accepts_a_token_heartbeat_with_any_or_no_body_like_the_real_server(
+        http, receiver, body):
+    response = http.post(receiver.url + "/api/agent/heartbeat/", data=body,
+                         headers={"Authorization": "Bearer tok-1"}, timeout=5)
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "heartbeat_received": True}
+    assert [(h["server_id"], h["agent_version"]) for h in receiver.store.heartbeats()] == [
+        (1, None)]
+
+
+@pytest.mark.parametrize("header", ["Bearer  tok-1", "Bearer tok-1   ", "Bearer \t tok-1 "])
+def test_it_accepts_a_bearer_token_padded_with_spaces_like_the_real_server(
+        http, receiver, header):
+    response = token_heartbeat(http, receiver, {"Authorization": header})
+
+    assert response.status_code == 200
+    assert [h["server_id"] for h in receiver.store.heartbeats()] == [1]
+
+
+@pytest.mark.parametrize(("headers", "error"), [
+    ({}, "missing or malformed Authorization header"),
+    ({"Authorization": "Bearer "}, "missing or malformed Authorization header"),
+    ({"Authorization": "Token tok-1"}, "missing or malformed Authorization header"),
+    ({"Authorization": "bearer tok-1"}, "missing or malformed Authorization header"),
+    ({"Authorization": "Bearer wrong"}, "invalid or disabled token"),
+    ({"Authorization": "Bearer tok-1 extra"}, "invalid or disabled token"),
 ])
-def test_it_answers_401_for_a_missing_malformed_or_unknown_token(http, receiver, headers):
+def test_it_answers_401_with_the_real_servers_message_for_a_missing_malformed_or_unknown_token(
+        http, receiver, headers, error):
     response = token_heartbeat(http, receiver, headers)
 
     assert response.status_code == 401
-    assert response.json() == {"error": "Invalid or missing token"}
+    assert response.json() == {"error": error}
     assert receiver.store.heartbeats() == []
 
 
@@ -269,14 +361,14 @@ def test_the_offline_delay_is_configurable(http, start_receiver, clock):
 def test_heartbeats_and_requests_can_be_listed_per_server(http, receiver):
     legacy_heartbeat(http, receiver, 1)
     legacy_heartbeat(http, receiver, 2)
-    legacy_heartbeat(http, receiver, 2, json=None, data="broken")
+    http.get(receiver.url + "/api/heartbeat/2/", timeout=5)
 
     heartbeats = http.get(receiver.url + "/api/heartbeats/?server_id=2", timeout=5).json()
     requests_for_2 = http.get(receiver.url + "/api/requests/?server_id=2", timeout=5).json()
 
     assert [(h["server_id"], h["api"]) for h in heartbeats] == [(2, "legacy")]
     assert [(r["method"], r["path"], r["status"]) for r in requests_for_2] == [
-        ("POST", "/api/heartbeat/2/", 200), ("POST", "/api/heartbeat/2/", 400)]
+        ("POST", "/api/heartbeat/2/", 200), ("GET", "/api/heartbeat/2/", 405)]
     assert len(http.get(receiver.url + "/api/requests/", timeout=5).json()) == 3
 
 
@@ -333,6 +425,46 @@ def test_the_html_page_lists_servers_escaped_with_their_state(http, start_receiv
     assert re.search(r"&lt;db&amp;02&gt;</td>.*class=\"offline\"", page.text)
 
 
+# ---------------------------------------------------------------- HTTPS
+
+
+def test_it_serves_the_api_over_https_to_a_client_that_trusts_its_ca(http, start_receiver, pki):
+    receiver = start_receiver(tls_cert=pki["cert"], tls_key=pki["key"])
+
+    response = http.post(receiver.url + "/api/agent/heartbeat/", json=HEARTBEAT,
+                         headers={"Authorization": "Bearer tok-1"}, verify=pki["ca"], timeout=5)
+
+    assert receiver.url.startswith("https://127.0.0.1:")
+    assert response.status_code == 200
+    assert [h["server_id"] for h in receiver.store.heartbeats()] == [1]
+
+
+def test_a_client_that_does_not_trust_its_ca_fails_verification_and_is_logged_in_one_line(
+        http, start_receiver, pki):
+    log = io.StringIO()
+    receiver = start_receiver(tls_cert=pki["cert"], tls_key=pki["key"], log=log)
+
+    with pytest.raises(requests.exceptions.SSLError, match="certificate verify failed"):
+        legacy_heartbeat(http, receiver, 1, verify=pki["other_ca"])
+    trusted = legacy_heartbeat(http, receiver, 1, verify=pki["ca"])
+
+    assert trusted.status_code == 200
+    assert len(receiver.store.heartbeats()) == 1
+    [failed_line] = [line for line in log.getvalue().splitlines() if "TLS" in line]
+    assert re.fullmatch(r"\S+ 127\.0\.0\.1 TLS handshake failed: .+", failed_line)
+    assert "Traceback" not in log.getvalue()
+
+
+def test_plain_http_to_the_https_port_is_refused_and_the_receiver_keeps_serving(
+        http, start_receiver, pki):
+    receiver = start_receiver(tls_cert=pki["cert"], tls_key=pki["key"])
+
+    with pytest.raises(requests.ConnectionError):
+        http.get(receiver.url.replace("https://", "http://") + "/api/status/", timeout=5)
+
+    assert http.get(receiver.url + "/api/status/", verify=pki["ca"], timeout=5).status_code == 200
+
+
 def test_make_server_rejects_duplicate_ids():
     with pytest.raises(ValueError, match="duplicate server id 1"):
         stacksense_receiver.make_server([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
@@ -360,6 +492,20 @@ def test_the_cli_exits_2_with_one_error_line_for_a_bad_servers_file(tmp_path, co
     assert result.stderr.startswith("stacksense-receiver: error: ")
 
 
+@pytest.mark.parametrize("which", ["cert only", "key only", "key is not a key"])
+def test_the_cli_exits_2_with_one_error_line_for_a_bad_tls_option(pki, which):
+    flags = {"cert only": ["--tls-cert", pki["cert"]],
+             "key only": ["--tls-key", pki["key"]],
+             "key is not a key": ["--tls-cert", pki["cert"], "--tls-key", pki["ca"]]}[which]
+
+    result = run_cli("--listen", "127.0.0.1:0", "--server", "1:web-01", *flags)
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("stacksense-receiver: error: ")
+    assert "--tls-" in result.stderr or pki["cert"] in result.stderr
+
+
 def test_the_cli_exits_2_for_a_missing_servers_file(tmp_path):
     result = run_cli("--servers", str(tmp_path / "missing.json"))
 
@@ -368,22 +514,26 @@ def test_the_cli_exits_2_for_a_missing_servers_file(tmp_path):
     assert "cannot read servers file" in result.stderr
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(("stop_signal", "scheme"), [
+    (signal.SIGTERM, "http"), (signal.SIGINT, "http"), (signal.SIGTERM, "https")])
 def test_the_cli_announces_its_address_logs_records_and_exits_0_on_a_stop_signal(
-        tmp_path, http, stop_signal):
+        tmp_path, http, pki, stop_signal, scheme):
     record_file = tmp_path / "heartbeats.jsonl"
+    tls_flags = ["--tls-cert", pki["cert"], "--tls-key", pki["key"]] if scheme == "https" else []
     process = subprocess.Popen(
         [sys.executable, str(RECEIVER_PATH), "--listen", "127.0.0.1:0",
-         "--server", "1:web-01", "--record", str(record_file)],
+         "--server", "1:web-01", "--record", str(record_file), *tls_flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     try:
-        announced = re.fullmatch(r"stacksense-receiver listening on (http://127\.0\.0\.1:\d+)\n",
-                                 process.stdout.readline())
+        announced = re.fullmatch(
+            rf"stacksense-receiver listening on ({scheme}://127\.0\.0\.1:\d+)\n",
+            process.stdout.readline())
         assert announced
-        response = http.post(announced.group(1) + "/api/heartbeat/1/", json=HEARTBEAT, timeout=5)
+        response = http.post(announced.group(1) + "/api/heartbeat/1/", json=HEARTBEAT,
+                             verify=pki["ca"], timeout=5)
         log_line = process.stdout.readline()
         process.send_signal(stop_signal)
-        assert process.wait(timeout=5) == 0
+        assert process.wait(timeout=15) == 0  # generous: CI machines can be loaded
     finally:
         if process.poll() is None:
             process.kill()

@@ -179,6 +179,8 @@ def run_playbook(tmp_path, hosts, plays, extra_args=(), path_prefix=None, env_ex
         ANSIBLE_STDOUT_CALLBACK="json",
         ANSIBLE_LOCALHOST_WARNING="false",
         ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        # The checks use the role's own filters, which a bare task list does not load.
+        ANSIBLE_FILTER_PLUGINS=str(ROLE / "filter_plugins"),
         ANSIBLE_FORKS="8",
         NO_COLOR="1",
         ANSIBLE_PIPELINING="true",

@@ -1,0 +1,81 @@
+"""Filter stacksense_ca_certificate_problem: what is wrong with PEM text meant as CA certificates.
+
+Used by tasks/preflight.yml on the controller, before the host is touched:
+
+    stacksense_ca_certificate | stacksense_ca_certificate_problem   ->  "" when it is usable
+
+The answer is a phrase for the preflight message ("holds no certificate ...", "certificate 2
+(CN=...) expired on ..."); it never raises, so a bad value gives a clear message rather
+than a template error. Certificates are parsed with `cryptography`, which ansible-core itself
+requires, so the controller needs nothing more.
+"""
+
+import base64
+import binascii
+import datetime
+import re
+
+PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]*\Z")
+
+
+def _load_certificate(der):
+    """The parsed certificate, or None when cryptography is missing (then DER is checked only)."""
+    try:
+        from cryptography import x509
+    except ImportError:
+        return None
+    return x509.load_der_x509_certificate(der)
+
+
+def _expiry(certificate):
+    if hasattr(certificate, "not_valid_after_utc"):
+        return certificate.not_valid_after_utc
+    return certificate.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+
+
+def _block_problem(number, body, now):
+    """What is wrong with the base64 body of one CERTIFICATE block ("" if nothing)."""
+    if not BASE64_TEXT.match(body):
+        return f"certificate {number} is not base64 text"
+    try:
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return f"certificate {number} is not valid base64"
+    if not der.startswith(b"\x30"):
+        return f"certificate {number} is not a DER certificate"
+    try:
+        certificate = _load_certificate(der)
+    except ValueError as error:
+        return f"certificate {number} does not parse ({error})"
+    if certificate is not None and _expiry(certificate) < now:
+        subject = certificate.subject.rfc4514_string() or "no subject"
+        return f"certificate {number} ({subject}) expired on {_expiry(certificate):%Y-%m-%d}"
+    return ""
+
+
+def ca_certificate_problem(text, now=None):
+    """"" when `text` holds at least one PEM certificate, all valid; else what is wrong."""
+    if not isinstance(text, str):
+        return "is not text"
+    if not text.strip():
+        return "is empty"
+    blocks = PEM_BLOCK.findall(text)
+    if any("PRIVATE KEY" in label for label, _ in blocks):
+        return ("holds a PRIVATE KEY (give the CA's certificate only; a key never leaves "
+                "its server)")
+    bodies = [body for label, body in blocks if label == "CERTIFICATE"]
+    if not bodies:
+        return ("holds no PEM certificate (a block from -----BEGIN CERTIFICATE----- to "
+                "-----END CERTIFICATE-----)")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    for number, body in enumerate(bodies, 1):
+        problem = _block_problem(number, body, now)
+        if problem:
+            return problem
+    return ""
+
+
+class FilterModule:
+    def filters(self):
+        return {"stacksense_ca_certificate_problem": ca_certificate_problem}
