@@ -923,9 +923,13 @@ class Agent:
             return Attempt(error="TLS certificate verify failed for {}: {} ({})".format(
                 api_url, (reason.group(1).strip() if reason else "") or "untrusted certificate",
                 CA_BUNDLE_HINT))
-        if isinstance(error, requests.exceptions.ProxyError) and " 407" in text:
-            return Attempt(status=407, error="the proxy {} answered 407 Proxy Authentication "
-                           "Required ({})".format(redact_url(self.proxy or "?"), PROXY_AUTH_HINT))
+        # A proxy that wants other credentials answers the CONNECT with 407, or (tinyproxy,
+        # for wrong ones) with 401: retrying would only repeat it.
+        refused = re.search(r"\b(401|407)\b", text)
+        if isinstance(error, requests.exceptions.ProxyError) and refused:
+            return Attempt(status=int(refused.group(1)), error="the proxy {} answered {} to the "
+                           "tunnel request ({})".format(redact_url(self.proxy or "?"),
+                                                        refused.group(1), PROXY_AUTH_HINT))
         if isinstance(error, requests.exceptions.SSLError):
             return Attempt(retryable=True, error=f"TLS error talking to {api_url}: "
                            f"{shorten(text)} (check STACKSENSE_CA_BUNDLE)")

@@ -183,7 +183,8 @@ class ConnectProxy:
     `trickle_s` set: answers CONNECT with an endless header, one byte every trickle_s.
     """
 
-    def __init__(self, user="agent", password="s3cret-proxy-pw", trickle_s=None):
+    def __init__(self, user="agent", password="s3cret-proxy-pw", trickle_s=None, refuse=407):
+        self.refuse = refuse  # the answer to wrong credentials: 407, or 401 as tinyproxy does
         self.expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.trickle_s = trickle_s
         self.requests = []
@@ -218,8 +219,10 @@ class ConnectProxy:
             headers = dict(line.split(": ", 1) for line in lines if ": " in line)
             self.requests.append(request_line)
             if headers.get("Proxy-Authorization") != self.expected:
-                conn.sendall(response(407, "proxy auth required", reason="Proxy Authentication "
-                                      "Required", headers=[("Proxy-Authenticate", "Basic")]))
+                conn.sendall(response(self.refuse, "proxy auth required", reason="Proxy "
+                                      "Authentication Required" if self.refuse == 407
+                                      else "Unauthorized",
+                                      headers=[("Proxy-Authenticate", "Basic")]))
                 return
             method, target, _ = request_line.split(" ")
             if method != "CONNECT" or not target.startswith("127.0.0.1:"):

@@ -346,6 +346,18 @@ def test_a_407_from_the_proxy_fails_once_with_a_credentials_hint(
     assert "wrong-password" not in result.error
 
 
+def test_a_401_from_the_proxy_for_wrong_credentials_fails_once_with_the_same_hint(
+        tls_server, make_agent, tls, monkeypatch):
+    tinyproxy_like = ConnectProxy(refuse=401)
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", tinyproxy_like.url(password="wrong-password"))
+        result = make_agent(tls_server.url, ca_bundle=tls[0]).beat_once()
+    finally:
+        tinyproxy_like.close()
+    assert not result.ok and result.attempts == 1 and result.status == 401
+    assert "stacksense_https_proxy" in result.error and "wrong-password" not in result.error
+
+
 def run_once_through(proxy_url, url, ca_bundle, no_proxy=""):
     env = {"STACKSENSE_SERVER_ID": "42", "STACKSENSE_API_URL": url,
            "STACKSENSE_CA_BUNDLE": ca_bundle, "HTTPS_PROXY": proxy_url, "NO_PROXY": no_proxy}
