@@ -77,6 +77,10 @@ CASES = {
     "old-and-failing": probe(agent="1.0.0", state=state_file(version="1.0.0", success_age=60,
                                                              failures=4, error="HTTP 500")),
     "cron": probe(manager="cron", pid=200, state=state_file(pid=200)),
+    # raw over SSH runs on a terminal, where systemctl may colour its answer
+    "coloured": dict(probe(state=state_file()), stdout=probe(state=state_file())["stdout"]
+                     .replace("ActiveState=active", "ActiveState=active\x1b[m")
+                     .replace("MainPID=100", "MainPID=100\x1b[0m")),
     "down": {"unreachable": True, "changed": False,
              "msg": "Failed to connect to the host via ssh: Connection refused"},
 }
@@ -116,6 +120,7 @@ def state(fleet, host):
 def test_a_running_agent_of_the_expected_version_with_a_recent_success_is_healthy(fleet):
     assert state(fleet, "fresh") == "healthy"
     assert state(fleet, "cron") == "healthy"
+    assert state(fleet, "coloured") == "healthy"
     assert fleet["hosts"]["cron"]["restarts"] is None
     assert fleet["hosts"]["fresh"]["last_success_age_s"] == 5
 
@@ -179,10 +184,10 @@ def test_passwords_bearer_tokens_and_the_hosts_token_are_masked_everywhere(fleet
 
 def test_the_summary_counts_every_state_in_the_documented_order(fleet):
     summary = fleet["summary"]
-    assert summary["counts"] == {"healthy": 4, "failing": 2, "stale": 4, "not_running": 2,
+    assert summary["counts"] == {"healthy": 5, "failing": 2, "stale": 4, "not_running": 2,
                                  "not_installed": 1, "outdated": 1, "unreachable": 1}
     assert summary["total"] == len(CASES) and not summary["healthy"]
-    assert fleet["text"][0].endswith(": 4 healthy, 2 failing, 4 stale, 2 not_running, "
+    assert fleet["text"][0].endswith(": 5 healthy, 2 failing, 4 stale, 2 not_running, "
                                      "1 not_installed, 1 outdated, 1 unreachable")
     assert "failing (2): failing, old-and-failing" in fleet["text"]
     assert len(fleet["lines"]) == len(CASES)
