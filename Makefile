@@ -6,7 +6,7 @@ export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
 # Molecule runs ansible-playbook and friends from PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export NO_COLOR := 1
-SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience network
+SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience network status
 
 .PHONY: venv prereqs lint unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
