@@ -91,7 +91,7 @@ def fleet(tmp_path_factory):
     if not ANSIBLE_PLAYBOOK.exists() and not shutil.which("ansible-playbook"):
         pytest.skip("ansible-playbook is not installed")
     work = tmp_path_factory.mktemp("status")
-    hosts = {name: {"ansible_connection": "local", "__stacksense_status_probe": result,
+    hosts = {name: {"ansible_connection": "local", "__stacksense_status_login": result,
                     "stacksense_api_token": TOKEN if name == "failing" else ""}
              for name, result in CASES.items()}
     (work / "inventory.json").write_text(json.dumps({"all": {"hosts": hosts}}))
