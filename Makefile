@@ -39,8 +39,9 @@ images:
 
 molecule: venv images
 	set -e; for scenario in $(SCENARIOS); do \
-		echo "=== molecule test -s $$scenario"; \
+		echo "=== molecule test -s $$scenario"; started=$$(date +%s); \
 		$(BIN)/molecule test -s $$scenario; \
+		echo "=== $$scenario passed in $$(( $$(date +%s) - started )) s"; \
 	done
 
 # The artifact of `ansible-galaxy collection build`, installed, deploys a host from a
