@@ -1,4 +1,4 @@
-"""The role's check of stacksense_ca_certificate (filter_plugins/stacksense_pem.py), run on
+"""The role's check of stacksense_ca_certificate (files/check_ca_certificate.py), run on
 the controller before a host is touched, against certificates made for the test."""
 
 import datetime
@@ -12,12 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 FILTER_PATH = (Path(__file__).resolve().parents[1] / "roles" / "stacksense_agent"
-               / "filter_plugins" / "stacksense_pem.py")
+               / "files" / "check_ca_certificate.py")
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
 
 
 def _load_filter():
-    spec = importlib.util.spec_from_file_location("stacksense_pem", str(FILTER_PATH))
+    spec = importlib.util.spec_from_file_location("check_ca_certificate", str(FILTER_PATH))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.ca_certificate_problem

@@ -179,8 +179,6 @@ def run_playbook(tmp_path, hosts, plays, extra_args=(), path_prefix=None, env_ex
         ANSIBLE_STDOUT_CALLBACK="json",
         ANSIBLE_LOCALHOST_WARNING="false",
         ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
-        # The checks use the role's own filters, which a bare task list does not load.
-        ANSIBLE_FILTER_PLUGINS=str(ROLE / "filter_plugins"),
         ANSIBLE_FORKS="8",
         NO_COLOR="1",
         ANSIBLE_PIPELINING="true",
@@ -460,3 +458,31 @@ def test_remove_logged_in_as_root_escalates_nothing_and_refuses_to_remove_slash(
     results, _ = deploy(tmp_path / "slash", {"stacksense_install_dir": "/"}, playbook="remove.yml")
     assert '"/"' in results["Check the role's variables"]["localhost"]["msg"]
     assert "localhost" not in results.get("Probe the host", {})
+
+
+def preflight_task(name):
+    tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
+    return next(task for task in tasks if task["name"] == name)
+
+
+def test_preflight_parses_the_ca_certificate_on_the_controller_and_names_the_variable(
+    tmp_path,
+):
+    from test_role_ca_check import ca_pem
+
+    hosts = {
+        "ca_good": {"stacksense_ca_certificate": ca_pem(days=365 * 30)},
+        "ca_not_pem": {"stacksense_ca_certificate": "just some text\n"},
+        "ca_broken": {"stacksense_ca_certificate": "-----BEGIN CERTIFICATE-----\nMIIB!!\n"
+                      "-----END CERTIFICATE-----\n"},
+    }
+    for values in hosts.values():
+        values["role_path"] = str(ROLE)  # as inside the role
+    results, _ = run_playbook(tmp_path, hosts, [play([
+        preflight_task("Check stacksense_ca_certificate on the controller"),
+        var_check_task(),
+    ])])
+    checked = results["Check the role's variables"]
+    assert not checked["ca_good"].get("failed"), checked["ca_good"].get("msg")
+    assert "stacksense_ca_certificate holds no PEM certificate" in checked["ca_not_pem"]["msg"]
+    assert "stacksense_ca_certificate certificate 1 is not base64" in checked["ca_broken"]["msg"]

@@ -1,19 +1,20 @@
-"""Filter stacksense_ca_certificate_problem: what is wrong with PEM text meant as CA certificates.
+#!/usr/bin/env python3
+"""What is wrong with PEM text meant as CA certificates (stacksense_ca_certificate).
 
-Used by tasks/preflight.yml on the controller, before the host is touched:
-
-    stacksense_ca_certificate | stacksense_ca_certificate_problem   ->  "" when it is usable
-
-The answer is a phrase for the preflight message ("holds no certificate ...", "certificate 2
-(CN=...) expired on ..."); it never raises, so a bad value gives a clear message rather
-than a template error. Certificates are parsed with `cryptography`, which ansible-core itself
-requires, so the controller needs nothing more.
+tasks/preflight.yml runs it on the controller, before the host is touched, with the PEM text
+on standard input; it prints "" when the text is usable, else a phrase for the preflight
+message ("holds no certificate ...", "certificate 2 (CN=...) expired on ..."), and exits 0
+either way, so a bad value gives a clear message rather than an error. A script, not a filter
+plugin: a role inside a collection cannot carry plugins, and this one works from a checkout
+and from the installed collection alike. Certificates are parsed with `cryptography`, which
+ansible-core itself requires, so the controller needs nothing more.
 """
 
 import base64
 import binascii
 import datetime
 import re
+import sys
 
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
 BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]*\Z")
@@ -76,6 +77,5 @@ def ca_certificate_problem(text, now=None):
     return ""
 
 
-class FilterModule:
-    def filters(self):
-        return {"stacksense_ca_certificate_problem": ca_certificate_problem}
+if __name__ == "__main__":
+    print(ca_certificate_problem(sys.stdin.read()))
