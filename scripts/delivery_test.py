@@ -175,8 +175,10 @@ def collection_test():
             raise Failure(f"the artifact holds test files: {leaked[:5]}")
         log(f"{artifact.name}: {artifact.stat().st_size // 1024} KiB, {len(listing)} entries")
         collections = work / "collections"
-        run([VENV_BIN / "ansible-galaxy", "collection", "install", "-p", collections, artifact],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # --force: without it ansible-galaxy installs nothing when the same version is in a
+        # configured path already (Molecule puts this collection in ~/.ansible/collections).
+        run([VENV_BIN / "ansible-galaxy", "collection", "install", "--force", "-p", collections,
+             artifact], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         installed = collections / "ansible_collections" / galaxy["namespace"] / galaxy["name"]
         role_default = installed / "roles" / "stacksense_agent" / ".." / ".." / "agent"
         agent_file = (role_default / "heartbeat_agent.py").resolve()
