@@ -860,6 +860,10 @@ class Agent:
         self.health = Health(clock)
         self.traceback_logged_at = None
         self.proxy = proxy_for(config["api_url"])
+        # The policy's memory between beats: run() counts the calm beats, with_retries()
+        # keeps the server's Retry-After for run().
+        self.calm_beats = CALM_AFTER_BEATS
+        self.not_before = None
         self.state = {
             "agent_version": AGENT_VERSION, "pid": os.getpid(), "started_at": utc_now_iso(),
             "api_url": config["api_url"], "mode": self.mode, "server_id": config["server_id"],
@@ -956,11 +960,6 @@ class Agent:
             if secret:
                 text = text.replace(secret, "<redacted>")
         return text
-
-    # The policy's memory between beats: run() counts the calm beats, with_retries() keeps
-    # the server's Retry-After for run().
-    calm_beats = CALM_AFTER_BEATS
-    not_before = None
 
     def with_retries(self, method, url, body, confirmed_by, give_up_at):
         """Send until success, a definite failure, or the beat's budget or time runs out.
