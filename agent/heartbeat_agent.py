@@ -102,7 +102,7 @@ import urllib3.connectionpool
 import urllib3.exceptions
 
 AGENT_VERSION = "1.1.0"
-AGENT_NAME = "stacksense-agent"
+AGENT_NAME = "stacksense-heartbeat"
 
 DEFAULT_CONFIG_PATH = "~/.stacksense_heartbeat.conf"
 DEFAULT_INTERVAL_S = 30.0
@@ -306,7 +306,7 @@ def parse_readable_file(value):
 def parse_state_file(value):
     path = parse_path(value)
     if path.endswith("/"):
-        raise ValueError("expected a file path, e.g. /var/lib/stacksense-agent/state.json")
+        raise ValueError("expected a file path, e.g. /var/lib/stacksense-heartbeat/state.json")
     return path
 
 

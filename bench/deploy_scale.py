@@ -727,8 +727,8 @@ SAME_AS_BASELINE = {
     "Create the install directory": "Create the install directory",
     "Install the agent": "Install the agent",
     "Install the systemd unit": "Install the systemd unit",
-    "Restart stacksense-agent": "Restart stacksense-agent",
-    "Enable and start stacksense-agent": "Enable and start stacksense-agent",
+    "Restart stacksense-heartbeat": "Restart stacksense-heartbeat",
+    "Enable and start stacksense-heartbeat": "Enable and start stacksense-heartbeat",
 }
 
 

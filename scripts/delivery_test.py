@@ -215,7 +215,7 @@ def collection_test():
             raise Failure(f"receiver heard {len(heard)} heartbeat(s) from {name}, versions "
                           f"{versions}; expected the collection's version {galaxy['version']}")
         on_host = run(["podman", "exec", name, "sha256sum",
-                       "/opt/stacksense-agent/heartbeat_agent.py"],
+                       "/opt/stacksense-heartbeat/heartbeat_agent.py"],
                       capture_output=True).stdout.split()[0]
         if on_host != hashlib.sha256(agent_file.read_bytes()).hexdigest():
             raise Failure(f"{name} does not run the collection's agent file")
@@ -478,7 +478,7 @@ def ee_test():
         _, _, stdout = check_job("bad URL", artifacts, expect_status="failed")
         if "rolled back to agent" not in stdout:
             raise Failure("bad URL: the job output lacks the role's 'rolled back to agent' message")
-        unit = run(["podman", "exec", "ee-1", "systemctl", "cat", "stacksense-agent"],
+        unit = run(["podman", "exec", "ee-1", "systemctl", "cat", "stacksense-heartbeat"],
                    capture_output=True).stdout
         if f":{bad_port}" in unit or f":{port}" not in unit:
             raise Failure("bad URL: ee-1's unit does not point at the good receiver again")

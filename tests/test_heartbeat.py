@@ -138,7 +138,7 @@ def free_port():
 def test_it_recovers_when_a_refused_connection_starts_answering(make_agent, clock, caplog):
     port = free_port()
     agent = make_agent(f"http://127.0.0.1:{port}")
-    with caplog.at_level(logging.INFO, logger="stacksense-agent"):
+    with caplog.at_level(logging.INFO, logger="stacksense-heartbeat"):
         failed = agent.beat_once()
         assert not failed.ok and "Connection refused" in failed.error
         assert failed.attempts >= 2
@@ -157,7 +157,7 @@ def test_it_recovers_when_a_refused_connection_starts_answering(make_agent, cloc
 def test_repeated_failures_are_summarised_not_logged_every_beat(server, make_agent, clock, caplog):
     agent = make_agent(server.url)
     server.then(*[Reply(404, {"error": "Server not found"}) for _ in range(30)])
-    with caplog.at_level(logging.INFO, logger="stacksense-agent"):
+    with caplog.at_level(logging.INFO, logger="stacksense-heartbeat"):
         for _ in range(30):  # 15 minutes of failing beats
             agent.beat_once()
             clock.now += 30

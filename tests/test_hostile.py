@@ -178,7 +178,7 @@ def test_control_characters_from_the_server_are_escaped_in_logs_and_state(
         hostile, make_agent, caplog, tmp_path):
     hostile.then(answer(404, CONTROL_TEXT.encode("utf-8"), reason="Not Found\x1b[0m"))
     agent = make_agent(hostile.url)
-    with caplog.at_level(logging.DEBUG, logger="stacksense-agent"):
+    with caplog.at_level(logging.DEBUG, logger="stacksense-heartbeat"):
         result = agent.beat_once()
     state = (tmp_path / "state.json").read_text()
     logged = "".join(record.getMessage() for record in caplog.records)
@@ -264,7 +264,7 @@ def test_an_unexpected_error_in_a_beat_is_logged_once_with_its_traceback_and_the
         raise RuntimeError("a bug in the agent")
 
     agent.heartbeat_url = broken
-    with caplog.at_level(logging.DEBUG, logger="stacksense-agent"):
+    with caplog.at_level(logging.DEBUG, logger="stacksense-heartbeat"):
         first, second = agent.beat_once(), agent.beat_once()
         clock.now += 30
         agent.heartbeat_url = real_heartbeat_url

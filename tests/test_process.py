@@ -134,7 +134,7 @@ def test_under_journald_lines_carry_a_priority_and_no_timestamp(server):
     time.sleep(0.2)
     _, _, err = stop_and_time(process)
     lines = err.splitlines()
-    assert lines[0].startswith("<6>stacksense-agent 1.1.0 starting")
+    assert lines[0].startswith("<6>stacksense-heartbeat 1.1.0 starting")
     assert any(line.startswith("<4>heartbeat failed: HTTP 404") for line in lines)
 
 
@@ -144,7 +144,7 @@ def test_outside_journald_lines_start_with_an_iso_timestamp(server):
     time.sleep(0.2)
     _, _, err = stop_and_time(process)
     first = err.splitlines()[0]
-    assert first[:4].isdigit() and first[10] == "T" and " INFO stacksense-agent" in first
+    assert first[:4].isdigit() and first[10] == "T" and " INFO stacksense-heartbeat" in first
 
 
 def test_the_token_never_appears_in_any_output(server, tmp_path):

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ROLE = ROOT / "roles" / "stacksense_agent"
 TEMPLATES = ROLE / "templates"
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
-UNIT = "stacksense-agent.service.j2"
-CRON = "stacksense-agent.cron.j2"
-LOGROTATE = "stacksense-agent.logrotate.j2"
+UNIT = "stacksense-heartbeat.service.j2"
+CRON = "stacksense-heartbeat.cron.j2"
+LOGROTATE = "stacksense-heartbeat.logrotate.j2"
 
 GOOD = {"stacksense_api_url": "https://stacksense.example.com", "stacksense_server_id": 7}
 INJECTION = "\nExecStartPre=+/bin/sh -c 'id >/tmp/pwned'\nX-Tail=/opt/y"
@@ -56,8 +56,8 @@ HOSTILE = [
     ),
     (
         "install_dir_newline",
-        {"stacksense_install_dir": "/opt/stacksense-agent\n"},
-        ["stacksense_install_dir", '"/opt/stacksense-agent\\n"'],
+        {"stacksense_install_dir": "/opt/stacksense-heartbeat\n"},
+        ["stacksense_install_dir", '"/opt/stacksense-heartbeat\\n"'],
     ),
     ("install_dir_root", {"stacksense_install_dir": "/"}, ["stacksense_install_dir", '"/"']),
     (
@@ -238,7 +238,7 @@ def preflight(tmp_path_factory):
         "stacksense_pip_requests_spec": "requests[socks] >= 2.25, < 3",
         "stacksense_pip_extra_args": "--index-url https://pypi.example.internal/simple",
         "stacksense_ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
-        "stacksense_install_dir": "/srv/stacksense-agent",
+        "stacksense_install_dir": "/srv/stacksense-heartbeat",
         "stacksense_api_url": "http://[::1]:8080/stacksense/",
         "stacksense_timeout": "2.5",
     }
