@@ -1014,7 +1014,7 @@ class Agent:
         that is not a number is not compared (logged).
         """
         url = self.config["api_url"] + "/api/agent/ping/"
-        attempt, _, _ = self.with_retries("GET", url, None, "authenticated", give_up_at)
+        attempt = self.with_retries("GET", url, None, "authenticated", give_up_at)[0]
         if not attempt.ok:
             return attempt
         raw_id = attempt.answer.get("server_id")
@@ -1059,8 +1059,8 @@ class Agent:
         if failed is not None:
             return BeatResult(False, 1, failed.status, failed.error, failed.answer)
         body = {"agent_version": AGENT_VERSION}
-        attempt, attempts, _ = self.with_retries("POST", self.heartbeat_url(), body,
-                                                 "heartbeat_received", give_up_at)
+        attempt, attempts = self.with_retries("POST", self.heartbeat_url(), body,
+                                              "heartbeat_received", give_up_at)[:2]
         return BeatResult(attempt.ok, attempts, attempt.status, attempt.error, attempt.answer)
 
     def internal_error(self, error):
