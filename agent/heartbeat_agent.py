@@ -1321,7 +1321,7 @@ def proxy_secrets(proxy):
     if "@" not in rest:
         return []
     userinfo = rest.rsplit("@", 1)[0]
-    user, _, password = userinfo.partition(":")
+    user, _colon, password = userinfo.partition(":")
     decoded = unquote(user) + ":" + unquote(password)
     basic = base64.b64encode(decoded.encode("latin-1", "replace")).decode("ascii")
     forms = [userinfo, decoded, basic]
