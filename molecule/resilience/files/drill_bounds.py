@@ -30,12 +30,14 @@ def seconds(start, end):
 
 
 def beats_at_least(window_s, first_within_s, interval):
-    """Beats certain to fall in a window: the first within first_within_s, then <= interval apart."""
+    """Beats certain to fall in a window: the first within first_within_s, then at most an
+    interval apart."""
     return max(0, math.floor((window_s - first_within_s - SLACK_S) / interval) + 1)
 
 
 def beats_at_most(window_s, interval, jitter):
-    """Beats that can fall in a window: a failing agent's beats are >= (1 - jitter) intervals apart."""
+    """Beats that can fall in a window: a failing agent's beats are at least (1 - jitter)
+    intervals apart."""
     return math.floor((window_s + SLACK_S) / (interval * (1 - jitter))) + 1
 
 
