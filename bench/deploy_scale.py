@@ -43,13 +43,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import testhost  # noqa: E402  (the one way to start a test host)
+from receiver_process import ReceiverError, ReceiverProcess  # noqa: E402
 
 VENV_BIN = ROOT / ".venv" / "bin"
 WORK = ROOT / "build" / "deploy_scale"
@@ -69,6 +71,11 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 ALL_IN_ONE_BATCH = {"stacksense_serial": ["100%"]}
 PLAYBOOKS = {"role": Path("playbooks") / "deploy.yml", "baseline": Path("bench") / "baseline.yml"}
 TREE_PARTS = ["ansible.cfg", "agent", "roles", "playbooks"]
+
+
+# No configuration file: Ansible's defaults, as for a user of the installed collection. Only
+# the role's location is given ({tree} is the snapshot the run uses).
+NO_CONFIG = {"ANSIBLE_CONFIG": "/dev/null", "ANSIBLE_ROLES_PATH": "{tree}/roles"}
 
 
 def variant(playbook, serial=ALL_IN_ONE_BATCH, env=None, note="", conn="podman"):
@@ -96,10 +103,19 @@ VARIANTS = {
     # hosts: ControlPersist (Ansible's default ssh_args) and pipelining as in ansible.cfg.
     "baseline-ssh": variant("baseline", conn="ssh", note="ssh, pipelining on"),
     "role-ssh": variant("role", conn="ssh", note="ssh, pipelining on"),
-    "baseline-ssh-nopipe": variant("baseline", conn="ssh", env={"ANSIBLE_PIPELINING": "False"},
-                                   note="ssh, pipelining off"),
-    "role-ssh-nopipe": variant("role", conn="ssh", env={"ANSIBLE_PIPELINING": "False"},
-                               note="ssh, pipelining off"),
+    # The playbooks set ansible_pipelining themselves (a play var): only an extra var wins.
+    "baseline-ssh-nopipe": variant("baseline", conn="ssh", note="ssh, pipelining off",
+                                   serial={**ALL_IN_ONE_BATCH, "ansible_pipelining": False}),
+    "role-ssh-nopipe": variant("role", conn="ssh", note="ssh, pipelining off",
+                               serial={**ALL_IN_ONE_BATCH, "ansible_pipelining": False}),
+    # As `ansible-playbook stacksense.fleet.deploy` runs: no ansible.cfg (Ansible's defaults:
+    # forks 5; pipelining from the playbook's play var), then also without that play var (how
+    # the collection ran before it had one).
+    "role-ssh-nocfg": variant("role", conn="ssh", env=NO_CONFIG,
+                              note="ssh, no ansible.cfg (forks 5, the play's pipelining)"),
+    "role-ssh-nocfg-nopipe": variant("role", conn="ssh", env=NO_CONFIG,
+                                     serial={**ALL_IN_ONE_BATCH, "ansible_pipelining": False},
+                                     note="ssh, no ansible.cfg, pipelining off (before 1.2.0)"),
     "role-ssh-forks5": variant("role", conn="ssh", env={"ANSIBLE_FORKS": "5"},
                                note="ssh, pipelining on, forks 5"),
     "baseline-ssh-rolling": variant("baseline", serial=None, conn="ssh",
@@ -156,20 +172,20 @@ def ensure_ssh_image(base):
     return testhost.ensure_ssh_image(base)
 
 
-def our_containers():
+def our_containers(prefix=PREFIX):
     out = podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}").stdout
-    return [n for n in out.split() if n.startswith(PREFIX)]
+    return [n for n in out.split() if n.startswith(prefix)]
 
 
-def remove_containers(names=None):
-    names = our_containers() if names is None else names
+def remove_containers(names=None, prefix=PREFIX):
+    names = our_containers(prefix) if names is None else names
     if names:
         podman("rm", "-f", "-t", "0", *names, check=False, timeout=600)
 
 
-def start_containers(n, image, seeded, ssh=False):
+def start_containers(n, image, seeded, ssh=False, prefix=PREFIX):
     """N fresh test hosts from scripts/testhost.py (ssh: root logs in with this benchmark's key)."""
-    names = [f"{PREFIX}{i:02d}" for i in range(1, n + 1)]
+    names = [f"{prefix}{i:02d}" for i in range(1, n + 1)]
     try:
         for i, name in enumerate(names, 1):
             testhost.start(name, image, hostname=f"bench-{i:02d}", labels=[LABEL], replace=True,
@@ -221,43 +237,12 @@ def hosts_cpu_s(files):
 
 # --- receiver --------------------------------------------------------------------------------
 
-class Receiver:
-    def __init__(self):
-        self.process = None
-
-    def start(self):
-        WORK.mkdir(parents=True, exist_ok=True)
-        with open(WORK / "receiver.log", "a") as logfile:
-            self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
-                 "--listen", f"0.0.0.0:{RECEIVER_PORT}", "--accept-any"],
-                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(50):
-            try:
-                self.status()
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise SystemExit(f"receiver did not start on port {RECEIVER_PORT} (see receiver.log)")
-
-    def status(self):
-        url = f"http://127.0.0.1:{RECEIVER_PORT}/api/status/"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.load(response)
-
-    def versions(self):
-        data = self.status()
-        servers = data.get("servers", data) if isinstance(data, dict) else data
-        return {int(s["id"]): s.get("agent_version") for s in servers}
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process = None
+def start_receiver(port=RECEIVER_PORT, logpath=WORK / "receiver.log"):
+    """The reference receiver, accepting any server id (scripts/receiver_process.py)."""
+    try:
+        return ReceiverProcess(port, logpath).start()
+    except ReceiverError as error:
+        raise SystemExit(str(error)) from None
 
 
 # --- memory sampling -------------------------------------------------------------------------
@@ -384,7 +369,7 @@ def run_playbook(tag, tree, inventory, spec, extra_vars, cgroups=()):
                ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks",
                PROFILE_TASKS_SORT_ORDER="none", PROFILE_TASKS_TASK_OUTPUT_LIMIT="200",
                ANSIBLE_NOCOLOR="1", NO_COLOR="1")
-    env.update(spec["env"])
+    env.update({key: value.format(tree=tree) for key, value in spec["env"].items()})
     LOGS.mkdir(parents=True, exist_ok=True)
     logpath = LOGS / f"{tag}.log"
     before = loadavg()
@@ -423,11 +408,11 @@ def run_playbook(tag, tree, inventory, spec, extra_vars, cgroups=()):
             "log": str(logpath.relative_to(ROOT))}
 
 
-def write_inventory(names, conn="podman"):
+def write_inventory(names, conn="podman", port=RECEIVER_PORT):
     targets = addresses(names) if conn == "ssh" else names
     hosts = {f"bench-{i:02d}": {"ansible_host": target, "stacksense_server_id": i}
              for i, target in enumerate(targets, 1)}
-    group_vars = {"stacksense_api_url": f"http://host.containers.internal:{RECEIVER_PORT}"}
+    group_vars = {"stacksense_api_url": f"http://host.containers.internal:{port}"}
     if conn == "ssh":
         group_vars.update(
             ansible_connection="ssh", ansible_user="root",
@@ -490,8 +475,7 @@ def bench(args):
     upgrade = upgrade_agent(tree)
     original_version = re.search(r'^AGENT_VERSION = "([^"]+)"',
                                  (tree / "agent" / "heartbeat_agent.py").read_text(), re.M)[1]
-    receiver = Receiver()
-    receiver.start()
+    receiver = start_receiver()
 
     def stop(*_):
         raise KeyboardInterrupt
@@ -722,25 +706,43 @@ def report(args):
 
 # Role tasks that do on each host what a baseline task does too (the rest of the role's host
 # tasks are its own probes, checks and clean-ups).
-SAME_AS_BASELINE = {
-    "Install the agent's packages": "Install python3-requests",
-    "Create the install directory": "Create the install directory",
-    "Install the agent": "Install the agent",
-    "Install the systemd unit": "Install the systemd unit",
-    "Restart stacksense-heartbeat": "Restart stacksense-heartbeat",
-    "Enable and start stacksense-heartbeat": "Enable and start stacksense-heartbeat",
-}
+# Modules that run on the controller (or only steer the play): their tasks never reach a host.
+CONTROLLER_MODULES = {"assert", "set_fact", "debug", "fail", "meta", "include_tasks",
+                      "import_tasks", "include_role", "import_role", "add_host", "group_by"}
 
 
-# The role's own tasks that reach the hosts when they run (the rest run on the controller:
-# checks, set_fact, debug, includes; or are skipped).
-ROLE_HOST_TASKS = {
-    "Probe the host", "Remove the virtualenv that the OS package replaces",
-    "Create the configuration directory", "Write the API token for the service's credential",
-    "Remove the API token file (legacy API)",
-    "Wait for a heartbeat accepted by the running agent",
-    "Keep the verified agent, unit and token for a rollback",
-}
+def task_names(paths):
+    """{task name: whether it reaches the hosts} of the playbooks or task files at paths."""
+    found = {}
+
+    def walk(items):
+        for task in items or []:
+            if not isinstance(task, dict):
+                continue
+            for key in ("tasks", "handlers", "pre_tasks", "post_tasks", "block", "rescue",
+                        "always"):
+                walk(task.get(key))
+            module = next((k for k in task if k.count(".") >= 2), None)  # FQCN, as linted
+            if task.get("name") and module and "block" not in task:
+                short = module.rsplit(".", 1)[-1]
+                found[task["name"]] = (short not in CONTROLLER_MODULES
+                                       and task.get("delegate_to") != "localhost")
+    for path in paths:
+        walk(yaml.safe_load(Path(path).read_text()))
+    return found
+
+
+def role_tasks():
+    """The role's tasks, read from its task and handler files (never a copy of their names)."""
+    role = ROOT / "roles" / "stacksense_agent"
+    return task_names([*sorted((role / "tasks").glob("*.yml")), role / "handlers" / "main.yml"])
+
+
+def baseline_twins():
+    """Role task -> the baseline's task doing the same work: bench/baseline.yml names its tasks
+    as the role does."""
+    baseline = task_names([ROOT / PLAYBOOKS["baseline"]])
+    return {name: name for name in role_tasks() if name in baseline}
 
 
 def ran_min_s(n):
@@ -753,6 +755,7 @@ def explain(res, spec, out):
     """Where the role's extra seconds go: per task, against the baseline's matching task."""
     apt, n, var, base_var = ([*spec.split(":"), "role", "baseline"])[:4]
     n = int(n)
+    twins, reaches_hosts = baseline_twins(), role_tasks()
     for phase in PHASES:
         role_runs, base_runs = res.get(apt, var, n, phase), res.get(apt, base_var, n, phase)
         if not role_runs or not base_runs:
@@ -775,8 +778,8 @@ def explain(res, spec, out):
         controller_tasks = 0
         total_extra = 0.0
         for name, secs in role.items():
-            twin = SAME_AS_BASELINE.get(name)
-            if twin is None and (name not in ROLE_HOST_TASKS or secs < ran_min_s(n)):
+            twin = twins.get(name)
+            if twin is None and (not reaches_hosts.get(name) or secs < ran_min_s(n)):
                 controller += secs
                 controller_tasks += 1
                 continue

@@ -36,8 +36,9 @@ ROOT = harness.ROOT
 WORK = ROOT / "build" / "status_scale"
 RESULTS = WORK / "results.jsonl"
 # Our own names and port, so that this never meets a deploy benchmark's containers.
-harness.PREFIX = "stacksense-statusbench-"
-harness.RECEIVER_PORT = 18193
+# Its own container names and receiver port, passed to the harness (never set in it).
+PREFIX = "stacksense-statusbench-"
+RECEIVER_PORT = 18193
 # The sshd image carries this checkout's key (build/deploy_scale/ssh): under our own name.
 OWN_BASE = "localhost/stacksense-statusbench:debian12-aptseed"
 
@@ -75,8 +76,7 @@ def run(args):
     harness.ensure_seeded_image()
     harness.podman("tag", harness.SEEDED_IMAGE, OWN_BASE)
     image = harness.ensure_ssh_image(OWN_BASE)
-    receiver = harness.Receiver()
-    receiver.start()
+    receiver = harness.start_receiver(RECEIVER_PORT, WORK / "receiver.log")
 
     def stop(*_):
         raise KeyboardInterrupt
@@ -85,8 +85,8 @@ def run(args):
     try:
         top = max(args.n)
         harness.log(f"starting {top} containers with sshd")
-        names = harness.start_containers(top, image, seeded=True, ssh=True)
-        inventory = harness.write_inventory(names, "ssh")
+        names = harness.start_containers(top, image, seeded=True, ssh=True, prefix=PREFIX)
+        inventory = harness.write_inventory(names, "ssh", port=RECEIVER_PORT)
         harness.log("deploying the agent (not timed)")
         wall, rc, out = timed(["ansible-playbook", "-i", str(inventory), "playbooks/deploy.yml",
                                "-e", json.dumps({"stacksense_serial": ["100%"]})],
@@ -126,7 +126,7 @@ def run(args):
                             (WORK / f"failed-{what}-{n}-{rep}.log").write_text(out)
     finally:
         receiver.stop()
-        harness.remove_containers()
+        harness.remove_containers(prefix=PREFIX)
 
 
 def report(args):
@@ -166,7 +166,7 @@ def main(argv=None):
     elif args.command == "report":
         report(args)
     else:
-        harness.remove_containers()
+        harness.remove_containers(prefix=PREFIX)
 
 
 if __name__ == "__main__":

@@ -49,12 +49,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import testhost  # noqa: E402
+from receiver_process import ReceiverError, ReceiverProcess  # noqa: E402
 
 VENV_BIN = ROOT / ".venv" / "bin"
 HOST_IMAGE = "localhost/stacksense-test:debian12"
@@ -88,42 +88,13 @@ def version_of_agent():
     return re.search(r'^AGENT_VERSION = "([^"]+)"$', text, re.M).group(1)
 
 
-class Receiver:
+def start_receiver(port, servers, workdir):
     """The reference receiver on 0.0.0.0:PORT, knowing the given (id, name) servers."""
-
-    def __init__(self, port, servers, workdir):
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
-        servers_file = Path(workdir) / f"servers-{port}.json"
-        servers_file.write_text(json.dumps([{"id": i, "name": n} for i, n in servers]))
-        self.logfile = open(Path(workdir) / f"receiver-{port}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
-             "--listen", f"0.0.0.0:{port}", "--servers", str(servers_file)],
-            stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(50):
-            try:
-                self.get("/api/status/")
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.2)
-        raise Failure(f"the receiver did not start on port {port} (is it in use?)")
-
-    def get(self, path):
-        with urllib.request.urlopen(self.url + path, timeout=5) as response:
-            return json.load(response)
-
-    def heartbeats(self, server_id, since=""):
-        """Accepted heartbeats of SERVER_ID at or after the ISO time SINCE."""
-        rows = self.get(f"/api/heartbeats/?server_id={server_id}")
-        return [r for r in rows if r["time"] >= since]
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.logfile.close()
+    try:
+        return ReceiverProcess(port, Path(workdir) / f"receiver-{port}.log",
+                               [{"id": i, "name": n} for i, n in servers]).start()
+    except ReceiverError as error:
+        raise Failure(str(error)) from None
 
 
 def utc_now():
@@ -186,7 +157,7 @@ def collection_test():
             raise Failure(f"the role's default agent source is missing: {agent_file}")
 
         testhost.start(name, HOST_IMAGE, labels=["stacksense.test=collection"], replace=True)
-        receiver = Receiver(port, [(server_id, name)], work)
+        receiver = start_receiver(port, [(server_id, name)], work)
         play = work / "play"
         play.mkdir()
         (play / "site.yml").write_text(COLLECTION_PLAYBOOK)
@@ -422,7 +393,7 @@ def ee_test():
                            ssh_key=f"{key}.pub", wait=False)
         testhost.wait_booted(names)
         hosts = {n: {"address": testhost.address(n), "id": ids[n]} for n in names}
-        receiver = Receiver(port, [(ids[n], n) for n in names], work)
+        receiver = start_receiver(port, [(ids[n], n) for n in names], work)
         pdd = private_data_dir(work, hosts, key)
         url = f"http://host.containers.internal:{port}"
         # As AWX runs podman EEs: as root inside (the EE's default user, 1000, cannot read
