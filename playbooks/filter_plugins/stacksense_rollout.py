@@ -153,7 +153,8 @@ def stacksense_rollout_report(records, stopped="", width=100):
     for record in hosts.values():
         counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
     counts = {o: n for o, n in counts.items() if n}
-    lines = [f"{len(hosts)} hosts: " + ", ".join(f"{n} {o}" for o, n in counts.items())]
+    noun = "host" if len(hosts) == 1 else "hosts"
+    lines = [f"{len(hosts)} {noun}: " + ", ".join(f"{n} {o}" for o, n in counts.items())]
     if stopped:
         lines.append(f"ROLLOUT STOPPED: {stopped}.")
     for outcome in counts:
