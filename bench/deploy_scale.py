@@ -74,8 +74,8 @@ TREE_PARTS = ["ansible.cfg", "agent", "roles", "playbooks"]
 
 
 # No configuration file: Ansible's defaults, as for a user of the installed collection. Only
-# the role's location is given ({tree} is the snapshot the run uses).
-NO_CONFIG = {"ANSIBLE_CONFIG": "/dev/null", "ANSIBLE_ROLES_PATH": "{tree}/roles"}
+# the role's location is given ({tree} is the snapshot the run uses, {work} WORK).
+NO_CONFIG = {"ANSIBLE_CONFIG": "{work}/empty.cfg", "ANSIBLE_ROLES_PATH": "{tree}/roles"}
 
 
 def variant(playbook, serial=ALL_IN_ONE_BATCH, env=None, note="", conn="podman"):
@@ -369,7 +369,8 @@ def run_playbook(tag, tree, inventory, spec, extra_vars, cgroups=()):
                ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks",
                PROFILE_TASKS_SORT_ORDER="none", PROFILE_TASKS_TASK_OUTPUT_LIMIT="200",
                ANSIBLE_NOCOLOR="1", NO_COLOR="1")
-    env.update({key: value.format(tree=tree) for key, value in spec["env"].items()})
+    env.update({key: value.format(tree=tree, work=WORK) for key, value in spec["env"].items()})
+    (WORK / "empty.cfg").write_text("# no settings: Ansible's defaults\n")
     LOGS.mkdir(parents=True, exist_ok=True)
     logpath = LOGS / f"{tag}.log"
     before = loadavg()
