@@ -11,7 +11,16 @@ SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resili
 .PHONY: venv prereqs lint unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
 
-venv: $(VENV)/.installed
+# The clone is the collection stacksense.fleet: ansible.cfg (and every Molecule scenario)
+# puts .collections first in the collections path, where this link names the repository,
+# so that the role's stacksense.fleet.* plugins are the clone's own files.
+COLLECTION_LINK := .collections/ansible_collections/stacksense/fleet
+
+venv: $(VENV)/.installed $(COLLECTION_LINK)
+
+$(COLLECTION_LINK):
+	mkdir -p $(@D)
+	ln -sfn ../../.. $@
 
 $(VENV)/.installed: requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -67,7 +76,7 @@ changelog: venv
 test: prereqs lint unit molecule collection-test ee-test demo-check
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .collections .pytest_cache .ruff_cache
 
 # Local fleet demo (docs/DEMO.md). DEMO_HOSTS (3), DEMO_PORT (8480), DEMO_INTERVAL (5)
 # and DEMO_OFFLINE_AFTER (30) reach scripts/demo.sh from the command line:
