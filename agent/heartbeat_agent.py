@@ -1131,7 +1131,7 @@ class Agent:
         that is not a number is not compared (logged).
         """
         url = self.config["api_url"] + "/api/agent/ping/"
-        attempt, _, _ = self.with_retries("GET", url, None, "authenticated", give_up_at)
+        attempt = self.with_retries("GET", url, None, "authenticated", give_up_at)[0]
         if not attempt.ok:
             return attempt
         raw_id = attempt.answer.get("server_id")
@@ -1176,8 +1176,8 @@ class Agent:
         if failed is not None:
             return BeatResult(False, 1, failed.status, failed.error, failed.answer)
         body = {"agent_version": AGENT_VERSION}
-        attempt, attempts, _ = self.with_retries("POST", self.heartbeat_url(), body,
-                                                 "heartbeat_received", give_up_at)
+        attempt, attempts = self.with_retries("POST", self.heartbeat_url(), body,
+                                              "heartbeat_received", give_up_at)[:2]
         return BeatResult(attempt.ok, attempts, attempt.status, attempt.error, attempt.answer)
 
     def internal_error(self, error):
@@ -1321,7 +1321,7 @@ def proxy_secrets(proxy):
     if "@" not in rest:
         return []
     userinfo = rest.rsplit("@", 1)[0]
-    user, _, password = userinfo.partition(":")
+    user, _colon, password = userinfo.partition(":")
     decoded = unquote(user) + ":" + unquote(password)
     basic = base64.b64encode(decoded.encode("latin-1", "replace")).decode("ascii")
     forms = [userinfo, decoded, basic]
