@@ -191,3 +191,45 @@ def test_hosts_with_one_server_id_are_named_with_the_id_and_empty_ids_are_not_sh
 def test_only_the_hosts_of_the_run_count():
     hostvars = {"a": {"stacksense_server_id": 1}, "b": {"stacksense_server_id": 1}}
     assert fleet_conflicts(hostvars, ["a"]) == []
+
+
+# --- rollback_files: what a rollback restores ------------------------------------------------
+
+rollback_files = load_filters("rollback_files")["rollback_files"]
+PATHS = {"agent": "/opt/s/heartbeat_agent.py", "unit": "/etc/systemd/system/s.service",
+         "cron": "/etc/cron.d/s", "token": "/etc/s/api_token", "ca": "/opt/s/ca.pem",
+         "proxy": "/etc/s/proxy.env"}
+
+
+def test_a_plain_systemd_run_restores_agent_and_unit_and_forgets_every_other_kept_copy():
+    sets = rollback_files(PATHS, "/opt/s/rollback")
+    assert sets["restore"] == [PATHS["agent"], PATHS["unit"]]
+    assert sets["candidates"] == [PATHS["agent"], PATHS["unit"], PATHS["token"], PATHS["ca"],
+                                  PATHS["proxy"]]
+    assert sets["unused_kept"] == ["/opt/s/rollback/api_token", "/opt/s/rollback/ca.pem",
+                                   "/opt/s/rollback/proxy.env", "/opt/s/rollback/s"]
+
+
+def test_a_cron_run_with_token_and_proxy_restores_those_and_forgets_the_unit_and_ca():
+    sets = rollback_files(PATHS, "/opt/s/rollback", cron=True, token=True, proxy=True)
+    assert sets["restore"] == [PATHS["agent"], PATHS["cron"], PATHS["token"], PATHS["proxy"]]
+    assert sets["candidates"][:2] == [PATHS["agent"], PATHS["cron"]]
+    assert sets["unused_kept"] == ["/opt/s/rollback/ca.pem", "/opt/s/rollback/s.service"]
+
+
+# --- redacted: values as messages show them ---------------------------------------------------
+
+redacted = load_filters("redacted")["redacted"]
+
+
+def test_a_server_url_is_shown_without_its_credentials():
+    assert redacted("https://ops:s3cret@s.example.com/x") == "https://***@s.example.com/x"
+    assert redacted("https://s.example.com/a@b") == "https://s.example.com/a@b"
+
+
+def test_a_proxy_is_shown_without_anything_before_its_last_at_or_not_at_all():
+    assert (redacted("http://u:p@ss@proxy.example.com:3128", "proxy")
+            == "http://<credentials hidden>@proxy.example.com:3128")
+    assert redacted("u:p@proxy:3128", "proxy") == "<credentials hidden>@proxy:3128"
+    assert redacted("http://u:s3cret/proxy:3128", "proxy") == "<hidden: it may hold a password>"
+    assert redacted("http://proxy.example.com:3128", "proxy") == "http://proxy.example.com:3128"
