@@ -91,7 +91,7 @@ def _in_role_terms(agent, message, names):
     """The agent's message with the role's variable names in place of its own."""
     message = AGENT_SOURCE.sub(lambda m: names.get(m.group(1), m.group(0)), message)
     message = ENV_NAME.sub(lambda m: names.get(m.group(0), m.group(0)), message)
-    first, _, rest = message.partition(" ")
+    first, rest = message.split(" ", 1) if " " in message else (message, "")
     setting = agent.SETTINGS_BY_NAME.get(first)
     if setting is not None and setting.env in names:
         first, message = names[setting.env], f"{names[setting.env]} {rest}"
@@ -174,4 +174,3 @@ class FilterModule:
     def filters(self):
         return {"agent_env": agent_env, "agent_problems": agent_problems,
                 "agent_derived": agent_derived}
-
