@@ -56,7 +56,7 @@ def host_probe(lines):
         elif name == "kept":
             probe["kept"].append(value)
         elif name == "dir":
-            path, _, owner_mode = value.partition(" ")
+            path, owner_mode = value.split(" ", 1) if " " in value else (value, "")
             probe["dirs"][path] = owner_mode
         elif name == "dpkg":
             installed = INSTALLED_PACKAGE.match(value)
