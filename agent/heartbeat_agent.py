@@ -755,10 +755,10 @@ class StateFile:
             fd, temp_path = tempfile.mkstemp(prefix=".state-", dir=directory)  # mode 0600
             try:
                 with os.fdopen(fd, "w") as temp_file:
-                    json.dump({key: scrub(value) if isinstance(value, str) else value
-                               for key, value in state.items()},
-                              temp_file, indent=2, sort_keys=True)
-                    temp_file.write("\n")
+                    # One line: json's C encoder (an indented dump is pure Python, 4x slower)
+                    temp_file.write(json.dumps({key: scrub(value) if isinstance(value, str)
+                                                else value for key, value in state.items()},
+                                               sort_keys=True) + "\n")
                 os.replace(temp_path, self.path)
             except BaseException:
                 os.unlink(temp_path)
@@ -1184,7 +1184,8 @@ def make_session():
     session = requests.Session()
     session.trust_env = False
     session.cookies.set_policy(NoCookies())
-    adapter = WatchedAdapter()
+    # One connection per exchange: a pool of one (a pool of ten costs a queue of ten per beat)
+    adapter = WatchedAdapter(pool_connections=1, pool_maxsize=1)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -1208,6 +1209,7 @@ class Agent:
         self.traceback_logged_at = None
         self.proxy = proxy_for(config["api_url"])
         self.secrets = self.secret_forms()
+        self.prepared_requests = {}
         # The policy's memory between beats: run() counts the calm beats, with_retries()
         # keeps the server's Retry-After for run().
         self.calm_beats = CALM_AFTER_BEATS
@@ -1233,18 +1235,16 @@ class Agent:
         The answer is streamed and at most MAX_BODY_BYTES of it read; the connection is closed
         afterwards (a beat every 30 s gains nothing from keep-alive, and nothing accumulates).
         """
-        headers = {"User-Agent": f"{AGENT_NAME}/{AGENT_VERSION}", "Accept-Encoding": "identity"}
-        if self.mode == "token":
-            headers["Authorization"] = "Bearer " + self.config["api_token"]
+        prepared = self.prepared(method, url, body)
         guard = ExchangeGuard(self.config["timeout"], self.ping_watchdog,
                               self.notifier.watchdog_every_s)
         proxies = {"http": self.proxy, "https": self.proxy} if self.proxy else {}
         try:
             with guard:
-                response = self.session.request(
-                    method, url, json=body, headers=headers, stream=True,
-                    timeout=(guard.remaining_s(), guard.remaining_s()), allow_redirects=False,
-                    verify=self.config.get("ca_bundle") or True, proxies=proxies)
+                response = self.session.send(
+                    prepared, stream=True, timeout=(guard.remaining_s(), guard.remaining_s()),
+                    allow_redirects=False, verify=self.config.get("ca_bundle") or True,
+                    proxies=proxies, cert=None)
                 try:
                     data = read_capped(response.raw)
                     cut_off = guard.expired
@@ -1264,6 +1264,21 @@ class Agent:
                                                              length))
         return judge_response(response.status_code, response.headers, data, confirmed_by,
                               self.scrub, self.mode == "legacy")
+
+    def prepared(self, method, url, body):
+        """The request, prepared once per method, URL and token: the same bytes every beat
+        (requests' preparation, header merging and URL parsing, was a third of a beat's CPU)."""
+        key = (method, url, self.config.get("api_token"))
+        if key not in self.prepared_requests:
+            headers = {"User-Agent": f"{AGENT_NAME}/{AGENT_VERSION}",
+                       "Accept-Encoding": "identity"}
+            if self.mode == "token":
+                headers["Authorization"] = "Bearer " + self.config["api_token"]
+            if len(self.prepared_requests) >= 2:  # a ping and a heartbeat; a new token
+                self.prepared_requests.clear()
+            self.prepared_requests[key] = self.session.prepare_request(
+                requests.Request(method, url, json=body, headers=headers))
+        return self.prepared_requests[key]
 
     def failed_exchange(self, error, cut_off):
         """The Attempt for an exchange that brought no complete answer."""
