@@ -6,6 +6,9 @@ export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
 # Molecule runs ansible-playbook and friends from PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export NO_COLOR := 1
+# What Ansible keeps (Molecule's install of stacksense.fleet and its scenario state, temporary
+# files, ansible-galaxy's cache) stays in the clone, not in ~/.ansible: make test checks it.
+export ANSIBLE_HOME := $(CURDIR)/.cache/ansible-home
 SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience network status
 
 .PHONY: venv prereqs lint gates unit images molecule collection-test ee-test changelog test clean
@@ -80,10 +83,15 @@ changelog: venv
 	@test -n "$(VERSION)" || { echo "make changelog: set VERSION, e.g. VERSION=1.2.0" >&2; exit 2; }
 	$(BIN)/antsibull-changelog release --version "$(VERSION)"
 
-test: prereqs lint gates unit molecule collection-test ee-test demo-check
+# ~/.ansible before and after must hold the same (scripts/home_check.py).
+test:
+	python3 scripts/home_check.py snapshot build/home-before.txt
+	$(MAKE) --no-print-directory prereqs lint gates unit molecule collection-test ee-test \
+		demo-check
+	python3 scripts/home_check.py compare build/home-before.txt
 
 clean:
-	rm -rf $(VENV) .collections .pytest_cache .ruff_cache .cache/ansible-test-home
+	rm -rf $(VENV) .collections .pytest_cache .ruff_cache .cache/ansible-test-home .cache/ansible-home
 
 # Local fleet demo (docs/DEMO.md). DEMO_HOSTS (3), DEMO_PORT (8480), DEMO_INTERVAL (5)
 # and DEMO_OFFLINE_AFTER (30) reach scripts/demo.sh from the command line:

@@ -115,3 +115,22 @@ def test_the_claimed_oldest_ansible_core_is_the_one_the_tests_run():
     role_meta = yaml.safe_load(
         (ROOT / "roles" / "stacksense_agent" / "meta" / "main.yml").read_text())
     assert role_meta["galaxy_info"]["min_ansible_version"] == tested
+
+
+def test_the_home_check_names_what_appeared_and_ignores_ansibles_own_temporary_dirs(tmp_path):
+    home_check = load_script("home_check")
+    ansible = tmp_path / ".ansible"
+    (ansible / "tmp" / "ansible-local-123abc").mkdir(parents=True)
+    before = home_check.entries(ansible)
+    assert before == {"tmp"}
+    (ansible / "tmp" / "ansible-local-123abc" / "x").write_text("")
+    (ansible / "collections" / "ansible_collections" / "stacksense").mkdir(parents=True)
+    after = home_check.entries(ansible)
+    assert home_check.differences(before, after) == [
+        "new: ~/.ansible/collections", "new: ~/.ansible/collections/ansible_collections",
+        "new: ~/.ansible/collections/ansible_collections/stacksense"]
+    snapshot = tmp_path / "before.txt"
+    assert home_check.main(["snapshot", str(snapshot)], {"HOME": str(tmp_path)}) == 0
+    assert home_check.main(["compare", str(snapshot)], {"HOME": str(tmp_path)}) == 0
+    (ansible / "roles").mkdir()
+    assert home_check.main(["compare", str(snapshot)], {"HOME": str(tmp_path)}) == 1
