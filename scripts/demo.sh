@@ -184,6 +184,21 @@ start_container() { # INDEX
 wait_booted() { # NAME...
   python3 "$TESTHOST" wait --boot-timeout "$BOOT_TIMEOUT" "$@" >/dev/null ||
     die "$*: systemd did not finish booting within $BOOT_TIMEOUT s"
+  share_mounts "$@"
+}
+
+# systemd hands the agent its token (LoadCredential=) through a mount, which podman's private
+# mount propagation blocks; real hosts have shared propagation already. A container booted
+# again (demo-restore) starts private, so an agent that failed at boot is started once more.
+share_mounts() { # NAME...
+  local name
+  for name in "$@"; do
+    podman exec "$name" sh -c 'mount --make-rshared / &&
+      if systemctl is-enabled -q stacksense-heartbeat 2>/dev/null &&
+        ! systemctl is-active -q stacksense-heartbeat; then
+        systemctl restart stacksense-heartbeat
+      fi' || die "$name: cannot make its / a shared mount"
+  done
 }
 
 ensure_containers() {
