@@ -202,17 +202,22 @@ def server():
     receiver.server_close()
 
 
-def write_inventory(directory, server, hosts):
+def write_inventory(directory, server, hosts, manage_command=False):
+    """An operator's inventory; manage_command: the server's manage.py as a command (like
+    `docker exec monitoring_web python manage.py`) instead of a checkout and its Python."""
     directory.mkdir(exist_ok=True)
+    server_host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                   "stacksense_enroll_server_environment": {
+                       "STACKSENSE_STANDIN_RECEIVER": server.url}}
+    if manage_command:
+        server_host["stacksense_enroll_manage_command"] = [
+            sys.executable, str(ROOT / "tests" / "standin" / "manage.py")]
+    else:
+        server_host.update(stacksense_enroll_server_dir=str(ROOT / "tests" / "standin"),
+                           stacksense_enroll_server_python=sys.executable)
     inventory = {"all": {"children": {
         "stacksense_agents": {"hosts": {host: {} for host in hosts}},
-        "stacksense_server": {"hosts": {"stacksense-server": {
-            "ansible_connection": "local",
-            "ansible_python_interpreter": sys.executable,
-            "stacksense_enroll_server_dir": str(ROOT / "tests" / "standin"),
-            "stacksense_enroll_server_python": sys.executable,
-            "stacksense_enroll_server_environment": {
-                "STACKSENSE_STANDIN_RECEIVER": server.url}}}}}}}
+        "stacksense_server": {"hosts": {"stacksense-server": server_host}}}}}
     (directory / "hosts.yml").write_text(json.dumps(inventory))
     return directory / "hosts.yml"
 
@@ -264,7 +269,7 @@ def test_enroll_mints_working_tokens_into_vault_files_and_a_second_run_changes_n
 
 def test_a_server_that_has_a_token_keeps_it_unless_its_host_is_named_for_rotation(
         tmp_path, server, vault_password):
-    inventory = write_inventory(tmp_path / "inventory", server, ["web-03"])
+    inventory = write_inventory(tmp_path / "inventory", server, ["web-03"], manage_command=True)
 
     left = run_enroll(inventory, vault_password)
 
