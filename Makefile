@@ -9,7 +9,7 @@ export NO_COLOR := 1
 # What Ansible keeps (Molecule's install of stacksense.fleet and its scenario state, temporary
 # files, ansible-galaxy's cache) stays in the clone, not in ~/.ansible: make test checks it.
 export ANSIBLE_HOME := $(CURDIR)/.cache/ansible-home
-SCENARIOS ?= default check bad_inventory upgrade token enroll remove cron switch resilience network status
+SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience network status
 
 .PHONY: venv prereqs lint gates unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
