@@ -17,7 +17,16 @@ MOLECULE_JOBS ?= 2
 .PHONY: venv prereqs lint gates unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
 
-venv: $(VENV)/.installed
+# The clone is the collection stacksense.fleet: ansible.cfg (and every Molecule scenario)
+# puts .collections first in the collections path, where this link names the repository,
+# so that the role's stacksense.fleet.* plugins are the clone's own files.
+COLLECTION_LINK := .collections/ansible_collections/stacksense/fleet
+
+venv: $(VENV)/.installed $(COLLECTION_LINK)
+
+$(COLLECTION_LINK):
+	mkdir -p $(@D)
+	ln -sfn ../../.. $@
 
 $(VENV)/.installed: requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -81,7 +90,7 @@ test:
 	python3 scripts/home_check.py compare build/home-before.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .cache/ansible-test-home .cache/ansible-home
+	rm -rf $(VENV) .collections .pytest_cache .ruff_cache .cache/ansible-test-home .cache/ansible-home
 
 # Local fleet demo (docs/DEMO.md). DEMO_HOSTS (3), DEMO_PORT (8480), DEMO_INTERVAL (5)
 # and DEMO_OFFLINE_AFTER (30) reach scripts/demo.sh from the command line:

@@ -63,7 +63,7 @@ EE_REPO = "localhost/stacksense-ee"
 EE_DEFINITION = ROOT / "execution-environment-test.yml"
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SSH_USER = "deployer"
-PROJECT_PARTS = ["ansible.cfg", "agent", "roles", "playbooks"]
+PROJECT_PARTS = ["ansible.cfg", "agent", "roles", "playbooks", "plugins", "galaxy.yml"]
 os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "molecule" / "containers.conf"))
 
 
@@ -352,6 +352,10 @@ def private_data_dir(work, hosts, key):
     for part in PROJECT_PARTS:
         src = ROOT / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, pdd / "project" / part)
+    # The project as the collection stacksense.fleet, as `make venv` links a clone.
+    link = pdd / "project" / ".collections" / "ansible_collections" / "stacksense" / "fleet"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../../..")
     inventory = {"stacksense_agents": {"hosts": list(hosts)},
                  "_meta": {"hostvars": {h: {"ansible_host": v["address"],
                                             "stacksense_server_id": v["id"]}
