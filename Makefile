@@ -12,7 +12,7 @@ export ANSIBLE_HOME := $(CURDIR)/.cache/ansible-home
 # Longest first (README: what each costs), so that make molecule's lanes end together.
 SCENARIOS ?= upgrade network cron status remove token default resilience switch bad_inventory check
 # Scenarios side by side (scripts/run_scenarios.py): each has its own containers and ports.
-MOLECULE_JOBS ?= 2
+MOLECULE_JOBS ?= 1
 
 .PHONY: venv prereqs lint gates unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
