@@ -98,7 +98,8 @@ class Receiver:
         self.logfile = open(Path(workdir) / f"receiver-{port}.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
-             "--listen", f"0.0.0.0:{port}", "--servers", str(servers_file)],
+             "--listen", f"0.0.0.0:{port}", "--servers", str(servers_file),
+             "--accept-legacy"],  # its hosts use the legacy API (no token)
             stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True)
         for _ in range(50):
             try:
