@@ -9,7 +9,10 @@ export NO_COLOR := 1
 # What Ansible keeps (Molecule's install of stacksense.fleet and its scenario state, temporary
 # files, ansible-galaxy's cache) stays in the clone, not in ~/.ansible: make test checks it.
 export ANSIBLE_HOME := $(CURDIR)/.cache/ansible-home
-SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience network status
+# Longest first (README: what each costs), so that make molecule's lanes end together.
+SCENARIOS ?= upgrade network cron status remove token default resilience switch enroll bad_inventory check
+# Scenarios side by side (scripts/run_scenarios.py): each has its own containers and ports.
+MOLECULE_JOBS ?= 1
 
 .PHONY: venv prereqs lint gates unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
@@ -57,11 +60,7 @@ images:
 	scripts/build-images.sh
 
 molecule: venv images
-	set -e; for scenario in $(SCENARIOS); do \
-		echo "=== molecule test -s $$scenario"; started=$$(date +%s); \
-		$(BIN)/molecule test -s $$scenario; \
-		echo "=== $$scenario passed in $$(( $$(date +%s) - started )) s"; \
-	done
+	$(BIN)/python scripts/run_scenarios.py --jobs $(MOLECULE_JOBS) $(SCENARIOS)
 
 # The artifact of `ansible-galaxy collection build`, installed, deploys a host from a
 # playbook outside the repository (scripts/delivery_test.py; about 2 min).

@@ -177,7 +177,7 @@ def collection_test():
         log(f"{artifact.name}: {artifact.stat().st_size // 1024} KiB, {len(listing)} entries")
         collections = work / "collections"
         # --force: without it ansible-galaxy installs nothing when the same version is in a
-        # configured path already (Molecule puts this collection in ~/.ansible/collections).
+        # configured path already (e.g. the user's ~/.ansible/collections).
         run([VENV_BIN / "ansible-galaxy", "collection", "install", "--force", "-p", collections,
              artifact], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         installed = collections / "ansible_collections" / galaxy["namespace"] / galaxy["name"]
