@@ -178,7 +178,7 @@ RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,15}(\.[0-9]{1,9})?")
 # between healthy and failing are always logged).
 FAILURE_SUMMARY_EVERY_S = 600.0
 
-# The schedule and the retry policy (the policy functions after the Agent class):
+# The schedule and the retry policy (the policy functions after the configuration):
 # A Retry-After counts for at most this long (in a beat and for the next beat): a proxy's
 # "come back tomorrow" or a server clock far ahead must not silence the host for hours.
 MAX_RETRY_AFTER_S = 600.0
@@ -228,6 +228,65 @@ CA_BUNDLE_HINT = ("not retried; set STACKSENSE_CA_BUNDLE (the role's stacksense_
 log = logging.getLogger(AGENT_NAME)
 
 
+# ------------------------------------------------------------------------------------- text helpers
+
+
+def printable(text):
+    """`text` with control and other unprintable characters escaped (\\x1b, \\n, \\u202e)."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
+
+
+def shorten(text, limit=MAX_SHOWN_CHARS):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def redact_url(url):
+    """`url` with any user:password@ replaced by <redacted>@, scheme or not.
+
+    Up to the last @: a password written with an unencoded # ? / or @ stays hidden too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        scheme, sep, rest = "", "", url
+    if "@" not in rest:
+        return url
+    return scheme + sep + "<redacted>@" + rest.rsplit("@", 1)[1]
+
+
+def proxy_secrets(proxy):
+    """Every form in which the proxy URL's credentials may come back: the user:password
+    part raw and percent-decoded, the password alone in both forms and percent-encoded, and
+    the base64 of user:password that a Basic Proxy-Authorization carries."""
+    if not proxy:
+        return []
+    rest = proxy.partition("://")[2] or proxy
+    if "@" not in rest:
+        return []
+    userinfo = rest.rsplit("@", 1)[0]
+    user, _colon, password = userinfo.partition(":")
+    decoded = unquote(user) + ":" + unquote(password)
+    basic = base64.b64encode(decoded.encode("latin-1", "replace")).decode("ascii")
+    forms = [userinfo, decoded, basic]
+    if password:
+        forms += [password, unquote(password), quote(unquote(password), safe="")]
+    return forms
+
+
+def format_duration(seconds):
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# ------------------------------------------------------------------------------------ configuration
+
+
 class ConfigError(Exception):
     """A setting is invalid; the message names it, its source, its value and the fix."""
 
@@ -243,9 +302,6 @@ class Setting:
         self.default = default
         self.secret = secret
         self.help = help
-
-
-# --------------------------------------------------------------------------- parsing
 
 
 def parse_server_id(value):
@@ -397,10 +453,9 @@ SETTINGS = (
             help="while failing, each beat comes up to this fraction of the interval early "
                  "(default 0.1)"),
 )
+
+
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
-
-
-# --------------------------------------------------------------------------- config loading
 
 
 def read_small_file(path, limit):
@@ -619,9 +674,26 @@ def proxy_problem(proxy):
     return None
 
 
+def proxy_for(url):
+    """The proxy URL requests takes from the environment for `url` (honouring NO_PROXY).
+
+    Written without a scheme, it is an http:// proxy (requests would fail on one with
+    credentials: "agent:pw@proxy:3128" reads as scheme "agent").
+    """
+    try:
+        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    except (ValueError, OSError):
+        return None
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy
+    return proxy
+
+
 # Settings whose check needs the host's files (existence, readability): settings_problems()
 # checks only that they are paths.
 HOST_FILE_SETTINGS = ("api_token_file", "ca_bundle")
+
+
 PROXY_VARIABLES = ("https_proxy", "http_proxy", "all_proxy")
 
 
@@ -698,93 +770,139 @@ def describe_config(config, sources):
     return lines
 
 
-# --------------------------------------------------------------------------- systemd, state
+# ---------------------------------------------------------------- the schedule and the retry policy
 
 
-class Notifier:
-    """sd_notify(3) over $NOTIFY_SOCKET with the stdlib; silent when not under systemd."""
-
-    def __init__(self, env):
-        self.address = env.get("NOTIFY_SOCKET") or None
-        if self.address and self.address.startswith("@"):
-            self.address = "\0" + self.address[1:]  # abstract namespace socket
-        watchdog_usec = env.get("WATCHDOG_USEC", "")
-        watchdog_pid = env.get("WATCHDOG_PID", "")
-        watched = watchdog_usec.isdigit() and watchdog_pid in ("", str(os.getpid()))
-        self.watchdog_every_s = int(watchdog_usec) / 2e6 if watched else None
-        self.failed = False
-
-    def notify(self, message):
-        if not self.address:
-            return
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            try:
-                sock.connect(self.address)
-                sock.sendall(message.encode("utf-8"))
-            finally:
-                sock.close()
-        except OSError as error:
-            if not self.failed:  # say it once; heartbeats matter more than notifications
-                log.warning("cannot notify systemd on %s: %s", self.address, error)
-            self.failed = True
+# Pure functions of (state, clock, random source), and the one object holding what they
+# remember between beats (PolicyMemory). Agent.run() and with_retries() call them, and so does
+# the fleet simulation (bench/fleet_load.py), which imports this file.
 
 
-def utc_now_iso():
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+def next_slot_after(slot, interval, now):
+    """The first slot of the fixed-rate schedule strictly after `now`.
+
+    Slots are slot + k * interval; missed slots are skipped, never caught up in a burst.
+    """
+    missed = max(0, math.floor((now - slot) / interval))
+    return slot + (missed + 1) * interval
 
 
-class StateFile:
-    """The agent's state as JSON, replaced atomically after every attempt.
+def jitter_offset(rng, interval, jitter_fraction):
+    """How much earlier than its slot a failing agent's next beat comes (<= 0)."""
+    return -rng.uniform(0, jitter_fraction) * interval
 
-    Mode 0600 (readable by the agent's user and root). It only ever replaces a regular file
-    or creates one: a path naming anything else (a device such as /dev/null, a FIFO, a
-    directory, a symbolic link) is left alone, with one warning, also as root.
+
+def phase_anchor(first_beat_at, interval, rng):
+    """This agent's place in the interval, drawn once, after its first beat.
+
+    The first beat goes at start; the second comes uniformly 0.5 to 1.5 intervals later,
+    and from then on every interval after it. So a fleet that (re)started in the same
+    second is spread evenly over one interval from its second beat on. The phase is random
+    rather than derived from /etc/machine-id: cloned VMs and containers often share that
+    file, and hosts sharing a phase would beat in lockstep for ever.
+    """
+    return first_beat_at + (rng.random() - 0.5) * interval
+
+
+def next_beat_slot(slot, interval, now, calm_beats, jitter_fraction, rng, not_before=None):
+    """When the next beat goes, given the last beat's slot and the calm beats (calm_after).
+
+    Calm: the next slot of the fixed-rate schedule (next_slot_after), so the agent keeps
+    its phase and a fleet keeps the even spread it settled on.
+    The last beat failed: up to jitter_fraction of an interval EARLIER (jitter_offset),
+    never later, and the schedule moves with it: failing agents do not hit a busy server in
+    the same order beat after beat, and each is heard within one interval of the server's
+    return (about 1 + jitter_fraction / 2 requests per interval).
+    Congested (it succeeded, but a beat failed within the last CALM_AFTER_BEATS): the slot
+    congested_stretch() intervals on. A server that turns hosts away gets fewer requests
+    from those it just heard, and its capacity goes to the hosts that are still failing.
+    A server's Retry-After (not_before) skips the slots before it; missed slots are never
+    caught up in a burst.
+    """
+    if calm_beats == 0:
+        slot += jitter_offset(rng, interval, jitter_fraction)
+    if not_before is not None:
+        now = max(now, not_before)
+    slot = next_slot_after(slot, interval, now)
+    if 0 < calm_beats < CALM_AFTER_BEATS:
+        slot += (congested_stretch(interval) - 1) * interval
+    return slot
+
+
+def congested_stretch(interval):
+    """Intervals between the beats of a congested agent that succeed (1 to 3).
+
+    As many as fit in half the server's offline window, and at most CONGESTED_STRETCH_MAX
+    (half of a window of 6 intervals, for servers set to a shorter window), so after a
+    stretched beat there is room for several failing beats (one interval apart) before the
+    host shows offline: 3 at the default 30 s interval (a beat every 90 s), 1 from 90 s on.
+    """
+    return max(1, min(CONGESTED_STRETCH_MAX, int(SERVER_OFFLINE_AFTER_S / 2 // interval)))
+
+
+def calm_after(calm_beats, ok):
+    """Successful beats in a row, counted up to CALM_AFTER_BEATS; 0 after a failed beat."""
+    return min(CALM_AFTER_BEATS, calm_beats + 1) if ok else 0
+
+
+def attempts_allowed(consecutive_failures, calm_beats=CALM_AFTER_BEATS):
+    """The retry budget of a beat: MAX_ATTEMPTS_PER_BEAT while calm, else one request.
+
+    Retries within a beat help with a blip, not with an outage: there they multiply the
+    load of a server that is trying to recover. Once a beat has failed, each beat sends
+    one request until CALM_AFTER_BEATS beats in a row have succeeded.
+    """
+    if consecutive_failures == 0 and calm_beats >= CALM_AFTER_BEATS:
+        return MAX_ATTEMPTS_PER_BEAT
+    return 1
+
+
+def retry_pause(attempt, attempts, budget, now, timeout, give_up_at, rng):
+    """Seconds to wait before the next attempt of this beat, or None to end the beat.
+
+    None when the attempt succeeded, failed definitely, or used up the beat's `budget`
+    (attempts_allowed). Else the server's Retry-After, or exponential backoff with full
+    jitter (uniform in 0..min(cap, base * 2**n)); None too when the next attempt's whole
+    timeout would not fit before `give_up_at`, so a beat never runs into the next one.
+    """
+    if attempt.ok or not attempt.retryable or attempts >= budget:
+        return None
+    if attempt.retry_after_s is not None:
+        pause = attempt.retry_after_s
+    else:
+        backoff = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
+        pause = rng.uniform(0, backoff)
+    if now + pause + timeout > give_up_at:
+        return None
+    return pause
+
+
+def retry_not_before(attempt, now):
+    """The earliest time of the next beat after this attempt: Retry-After, capped, or None."""
+    if attempt.ok or attempt.retry_after_s is None:
+        return None
+    return now + min(attempt.retry_after_s, MAX_RETRY_AFTER_S)
+
+
+class PolicyMemory:
+    """What the schedule and the retry policy remember between beats, in one place.
+
+    failed_beats: failed beats in a row (Agent.record() counts them; the state file's
+        consecutive_failures, the logs' "N beats failed");
+    calm_beats: successful beats in a row, up to CALM_AFTER_BEATS (Agent.run() counts them
+        with calm_after(); attempts_allowed() and next_beat_slot() read them);
+    not_before: the server's Retry-After for the next beat (with_retries() keeps it,
+        retry_not_before(); next_beat_slot() reads it).
+    bench/fleet_load.py keeps the same three per simulated host.
     """
 
-    def __init__(self, path):
-        self.path = path
-        self.failed = False
-
-    def write(self, state, scrub=str):
-        if not self.path:
-            return
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            self.check_replaceable()
-            fd, temp_path = tempfile.mkstemp(prefix=".state-", dir=directory)  # mode 0600
-            try:
-                with os.fdopen(fd, "w") as temp_file:
-                    # One line: json's C encoder (an indented dump is pure Python, 4x slower)
-                    temp_file.write(json.dumps({key: scrub(value) if isinstance(value, str)
-                                                else value for key, value in state.items()},
-                                               sort_keys=True) + "\n")
-                os.replace(temp_path, self.path)
-            except BaseException:
-                os.unlink(temp_path)
-                raise
-        except (OSError, ValueError) as error:
-            if not self.failed:
-                log.warning("cannot write state file %s (%s); heartbeats continue",
-                            printable(self.path), error)
-            self.failed = True
-            return
-        if self.failed:
-            log.info("state file %s is writable again", printable(self.path))
-        self.failed = False
-
-    def check_replaceable(self):
-        """Raise ValueError when the path names something other than a regular file."""
-        try:
-            mode = os.lstat(self.path).st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISREG(mode):
-            raise ValueError("it is not a regular file; it is left alone: point "
-                             "STACKSENSE_STATE_FILE at a file path")
+    def __init__(self):
+        self.failed_beats = 0
+        self.calm_beats = CALM_AFTER_BEATS
+        self.not_before = None
 
 
-# --------------------------------------------------------------------------- one heartbeat
+# ---------------------------------------------------------------------- the wire: reading an answer
 
 
 class BeatResult:
@@ -906,77 +1024,29 @@ def read_capped(raw):
     return None
 
 
-# --------------------------------------------------------------------------- the exchange deadline
+def short_reason(error):
+    """The innermost reason of a requests ConnectionError, without urllib3's wrapping."""
+    reason = error
+    while reason.args and isinstance(reason.args[0], BaseException):
+        reason = reason.args[0]
+    text = str(getattr(reason, "reason", None) or reason)
+    # urllib3 prefixes the connection object's repr: keep only the operating system's words
+    return text.split(": ", 1)[-1] if text.startswith(("<", "HTTP")) else text
 
 
-EXCHANGE = threading.local()  # .guard: the ExchangeGuard of this thread's exchange, if any
-
-
-class ExchangeGuard:
-    """Ends one HTTP exchange at its deadline, whatever the peer does, and feeds the watchdog.
-
-    A context manager around the exchange. Its thread pings the watchdog at once and every
-    `ping_every_s` until the deadline, then shuts down every socket the exchange opened (to
-    the server or the proxy), which ends a blocked connect, TLS handshake or read at once. It
-    holds a duplicate descriptor of each socket: TLS wrapping detaches the original object.
-    """
-
-    def __init__(self, seconds, ping=None, ping_every_s=None):
-        self.deadline = time.monotonic() + seconds
-        self.ping = ping
-        self.ping_every_s = ping_every_s
-        self.expired = False
-        self.sockets = []
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.keep_time, name="exchange-deadline")
-        self.thread.daemon = True
-
-    def __enter__(self):
-        EXCHANGE.guard = self
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        EXCHANGE.guard = None
-        self.done.set()
-        self.thread.join()
-        with self.lock:
-            for sock in self.sockets:
-                sock.close()
-            self.sockets = []
-        return False
-
-    def remaining_s(self):
-        return max(0.001, self.deadline - time.monotonic())
-
-    def watch(self, sock):
-        with self.lock:
-            copy = sock.dup()
-            self.sockets.append(copy)
-            if self.expired:
-                shut_down(copy)
-
-    def keep_time(self):
-        if self.ping:  # at once too: the gap since the last ping stays below ping_every_s
-            self.ping()
-        while True:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if self.done.wait(min(remaining, self.ping_every_s or remaining)):
-                return
-            if self.ping and time.monotonic() < self.deadline:
-                self.ping()
-        with self.lock:
-            self.expired = True
-            for sock in self.sockets:
-                shut_down(sock)
-
-
-def shut_down(sock):
-    with contextlib.suppress(OSError):  # already closed by the peer or by the exchange
-        sock.shutdown(socket.SHUT_RDWR)
+def broken_answer(error):
+    """What broke, when `error` is the peer hanging up or answering something else than HTTP."""
+    while error is not None:
+        if isinstance(error, urllib3.exceptions.ProtocolError) and len(error.args) > 1:
+            detail = error.args[-1]
+            if isinstance(detail, OSError) and detail.strerror:
+                return detail.strerror
+            return shorten(repr(detail))
+        if isinstance(error, (urllib3.exceptions.ProtocolError, http.client.HTTPException)):
+            return shorten(str(error) or type(error).__name__)
+        error = error.args[0] if error.args and isinstance(error.args[0], BaseException) \
+            else None
+    return None
 
 
 class HeadTooLarge(http.client.HTTPException):
@@ -1108,6 +1178,79 @@ def start_connect(sock, address, socket_options):
     return OSError(code, os.strerror(code))
 
 
+# ---------------------------------------------------------- the exchange guard and the HTTP session
+
+
+EXCHANGE = threading.local()  # .guard: the ExchangeGuard of this thread's exchange, if any
+
+
+class ExchangeGuard:
+    """Ends one HTTP exchange at its deadline, whatever the peer does, and feeds the watchdog.
+
+    A context manager around the exchange. Its thread pings the watchdog at once and every
+    `ping_every_s` until the deadline, then shuts down every socket the exchange opened (to
+    the server or the proxy), which ends a blocked connect, TLS handshake or read at once. It
+    holds a duplicate descriptor of each socket: TLS wrapping detaches the original object.
+    """
+
+    def __init__(self, seconds, ping=None, ping_every_s=None):
+        self.deadline = time.monotonic() + seconds
+        self.ping = ping
+        self.ping_every_s = ping_every_s
+        self.expired = False
+        self.sockets = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.keep_time, name="exchange-deadline")
+        self.thread.daemon = True
+
+    def __enter__(self):
+        EXCHANGE.guard = self
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        EXCHANGE.guard = None
+        self.done.set()
+        self.thread.join()
+        with self.lock:
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+        return False
+
+    def remaining_s(self):
+        return max(0.001, self.deadline - time.monotonic())
+
+    def watch(self, sock):
+        with self.lock:
+            copy = sock.dup()
+            self.sockets.append(copy)
+            if self.expired:
+                shut_down(copy)
+
+    def keep_time(self):
+        if self.ping:  # at once too: the gap since the last ping stays below ping_every_s
+            self.ping()
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self.done.wait(min(remaining, self.ping_every_s or remaining)):
+                return
+            if self.ping and time.monotonic() < self.deadline:
+                self.ping()
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets:
+                shut_down(sock)
+
+
+def shut_down(sock):
+    with contextlib.suppress(OSError):  # already closed by the peer or by the exchange
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 # The wire: requests with urllib3 connection classes of our own. Only the agent itself needs
 # them; settings_problems() runs where requests may be missing (an Ansible controller).
 if requests is not None:
@@ -1191,6 +1334,95 @@ def make_session():
     return session
 
 
+# ----------------------------------------------------------------------- systemd and the state file
+
+
+class Notifier:
+    """sd_notify(3) over $NOTIFY_SOCKET with the stdlib; silent when not under systemd."""
+
+    def __init__(self, env):
+        self.address = env.get("NOTIFY_SOCKET") or None
+        if self.address and self.address.startswith("@"):
+            self.address = "\0" + self.address[1:]  # abstract namespace socket
+        watchdog_usec = env.get("WATCHDOG_USEC", "")
+        watchdog_pid = env.get("WATCHDOG_PID", "")
+        watched = watchdog_usec.isdigit() and watchdog_pid in ("", str(os.getpid()))
+        self.watchdog_every_s = int(watchdog_usec) / 2e6 if watched else None
+        self.failed = False
+
+    def notify(self, message):
+        if not self.address:
+            return
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.connect(self.address)
+                sock.sendall(message.encode("utf-8"))
+            finally:
+                sock.close()
+        except OSError as error:
+            if not self.failed:  # say it once; heartbeats matter more than notifications
+                log.warning("cannot notify systemd on %s: %s", self.address, error)
+            self.failed = True
+
+
+def utc_now_iso():
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+class StateFile:
+    """The agent's state as JSON, replaced atomically after every attempt.
+
+    Mode 0600 (readable by the agent's user and root). It only ever replaces a regular file
+    or creates one: a path naming anything else (a device such as /dev/null, a FIFO, a
+    directory, a symbolic link) is left alone, with one warning, also as root.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.failed = False
+
+    def write(self, state, scrub=str):
+        if not self.path:
+            return
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            self.check_replaceable()
+            fd, temp_path = tempfile.mkstemp(prefix=".state-", dir=directory)  # mode 0600
+            try:
+                with os.fdopen(fd, "w") as temp_file:
+                    # One line: json's C encoder (an indented dump is pure Python, 4x slower)
+                    temp_file.write(json.dumps({key: scrub(value) if isinstance(value, str)
+                                                else value for key, value in state.items()},
+                                               sort_keys=True) + "\n")
+                os.replace(temp_path, self.path)
+            except BaseException:
+                os.unlink(temp_path)
+                raise
+        except (OSError, ValueError) as error:
+            if not self.failed:
+                log.warning("cannot write state file %s (%s); heartbeats continue",
+                            printable(self.path), error)
+            self.failed = True
+            return
+        if self.failed:
+            log.info("state file %s is writable again", printable(self.path))
+        self.failed = False
+
+    def check_replaceable(self):
+        """Raise ValueError when the path names something other than a regular file."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(mode):
+            raise ValueError("it is not a regular file; it is left alone: point "
+                             "STACKSENSE_STATE_FILE at a file path")
+
+
+# ---------------------------------------------------------------------------------------- the agent
+
+
 class Agent:
     """Sends heartbeats. Time, waiting, randomness and HTTP are injected for the tests."""
 
@@ -1210,10 +1442,7 @@ class Agent:
         self.proxy = proxy_for(config["api_url"])
         self.secrets = self.secret_forms()
         self.prepared_requests = {}
-        # The policy's memory between beats: run() counts the calm beats, with_retries()
-        # keeps the server's Retry-After for run().
-        self.calm_beats = CALM_AFTER_BEATS
-        self.not_before = None
+        self.memory = PolicyMemory()
         self.state = {
             "agent_version": AGENT_VERSION, "pid": os.getpid(), "started_at": utc_now_iso(),
             "api_url": config["api_url"], "mode": self.mode, "server_id": config["server_id"],
@@ -1346,15 +1575,15 @@ class Agent:
         redirects, and 2xx answers that do not confirm the heartbeat. The budget is
         attempts_allowed() (up to MAX_ATTEMPTS_PER_BEAT requests while calm, one after a
         failed beat), the pauses retry_pause(). A Retry-After also holds back the next beat
-        (self.not_before, read by run()). Returns (Attempt, number of attempts, stopped).
+        (memory.not_before, read by run()). Returns (Attempt, number of attempts, stopped).
         """
-        budget = attempts_allowed(self.state["consecutive_failures"], self.calm_beats)
+        budget = attempts_allowed(self.memory.failed_beats, self.memory.calm_beats)
         attempts = 0
         while True:
             attempt = self.request(method, url, body, confirmed_by)
             attempts += 1
             now = self.clock()
-            self.not_before = retry_not_before(attempt, now)
+            self.memory.not_before = retry_not_before(attempt, now)
             pause = retry_pause(attempt, attempts, budget, now, self.config["timeout"],
                                 give_up_at, self.rng)
             if pause is None:
@@ -1482,16 +1711,18 @@ class Agent:
         now = utc_now_iso()
         self.state["last_attempt_at"] = now
         self.state["last_status"] = result.status
+        failed_before = self.memory.failed_beats
+        self.memory.failed_beats = 0 if result.ok else failed_before + 1
+        self.state["consecutive_failures"] = self.memory.failed_beats
         if result.ok:
             self.state["last_success_at"] = now
             self.state["last_error"] = None
-            self.state["consecutive_failures"] = 0
             self.state["server_name"] = result.server_name or self.state["server_name"]
         else:
             self.state["last_error"] = self.scrub(result.error or "")
-            self.state["consecutive_failures"] += 1
         self.state_file.write(self.state, self.scrub)
-        self.health.report(result, self.state)
+        self.health.report(result, self.state, failed_before if result.ok
+                           else self.memory.failed_beats)
         self.notifier.notify("STATUS=" + self.health.status_line(self.state))
 
     # -- the loop
@@ -1507,211 +1738,16 @@ class Agent:
         slot, first = self.clock(), True
         while not self.stop.is_set():
             result = self.beat_once(give_up_at=next_slot_after(slot, interval, self.clock()))
-            self.calm_beats = calm_after(self.calm_beats, result.ok)
+            self.memory.calm_beats = calm_after(self.memory.calm_beats, result.ok)
             if first:
                 slot, first = phase_anchor(slot, interval, self.rng), False
-            slot = next_beat_slot(slot, interval, self.clock(), self.calm_beats, jitter,
-                                  self.rng, self.not_before)
+            slot = next_beat_slot(slot, interval, self.clock(), self.memory.calm_beats, jitter,
+                                  self.rng, self.memory.not_before)
             if self.wait(slot - self.clock()):
                 break
 
 
-def short_reason(error):
-    """The innermost reason of a requests ConnectionError, without urllib3's wrapping."""
-    reason = error
-    while reason.args and isinstance(reason.args[0], BaseException):
-        reason = reason.args[0]
-    text = str(getattr(reason, "reason", None) or reason)
-    # urllib3 prefixes the connection object's repr: keep only the operating system's words
-    return text.split(": ", 1)[-1] if text.startswith(("<", "HTTP")) else text
-
-
-def broken_answer(error):
-    """What broke, when `error` is the peer hanging up or answering something else than HTTP."""
-    while error is not None:
-        if isinstance(error, urllib3.exceptions.ProtocolError) and len(error.args) > 1:
-            detail = error.args[-1]
-            if isinstance(detail, OSError) and detail.strerror:
-                return detail.strerror
-            return shorten(repr(detail))
-        if isinstance(error, (urllib3.exceptions.ProtocolError, http.client.HTTPException)):
-            return shorten(str(error) or type(error).__name__)
-        error = error.args[0] if error.args and isinstance(error.args[0], BaseException) \
-            else None
-    return None
-
-
-def printable(text):
-    """`text` with control and other unprintable characters escaped (\\x1b, \\n, \\u202e)."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-                   for char in text)
-
-
-def shorten(text, limit=MAX_SHOWN_CHARS):
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def redact_url(url):
-    """`url` with any user:password@ replaced by <redacted>@, scheme or not.
-
-    Up to the last @: a password written with an unencoded # ? / or @ stays hidden too.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
-        scheme, sep, rest = "", "", url
-    if "@" not in rest:
-        return url
-    return scheme + sep + "<redacted>@" + rest.rsplit("@", 1)[1]
-
-
-def proxy_for(url):
-    """The proxy URL requests takes from the environment for `url` (honouring NO_PROXY).
-
-    Written without a scheme, it is an http:// proxy (requests would fail on one with
-    credentials: "agent:pw@proxy:3128" reads as scheme "agent").
-    """
-    try:
-        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
-    except (ValueError, OSError):
-        return None
-    if proxy and "://" not in proxy:
-        proxy = "http://" + proxy
-    return proxy
-
-
-def proxy_secrets(proxy):
-    """Every form in which the proxy URL's credentials may come back: the user:password
-    part raw and percent-decoded, the password alone in both forms and percent-encoded, and
-    the base64 of user:password that a Basic Proxy-Authorization carries."""
-    if not proxy:
-        return []
-    rest = proxy.partition("://")[2] or proxy
-    if "@" not in rest:
-        return []
-    userinfo = rest.rsplit("@", 1)[0]
-    user, _colon, password = userinfo.partition(":")
-    decoded = unquote(user) + ":" + unquote(password)
-    basic = base64.b64encode(decoded.encode("latin-1", "replace")).decode("ascii")
-    forms = [userinfo, decoded, basic]
-    if password:
-        forms += [password, unquote(password), quote(unquote(password), safe="")]
-    return forms
-
-
-def next_slot_after(slot, interval, now):
-    """The first slot of the fixed-rate schedule strictly after `now`.
-
-    Slots are slot + k * interval; missed slots are skipped, never caught up in a burst.
-    """
-    missed = max(0, math.floor((now - slot) / interval))
-    return slot + (missed + 1) * interval
-
-
-def jitter_offset(rng, interval, jitter_fraction):
-    """How much earlier than its slot a failing agent's next beat comes (<= 0)."""
-    return -rng.uniform(0, jitter_fraction) * interval
-
-
-# The schedule and the retry policy, with next_slot_after and jitter_offset above: pure
-# functions of (state, clock, random source). Agent.run() and with_retries() call them, and
-# so does the fleet simulation (bench/fleet_load.py), which imports this file.
-
-
-def phase_anchor(first_beat_at, interval, rng):
-    """This agent's place in the interval, drawn once, after its first beat.
-
-    The first beat goes at start; the second comes uniformly 0.5 to 1.5 intervals later,
-    and from then on every interval after it. So a fleet that (re)started in the same
-    second is spread evenly over one interval from its second beat on. The phase is random
-    rather than derived from /etc/machine-id: cloned VMs and containers often share that
-    file, and hosts sharing a phase would beat in lockstep for ever.
-    """
-    return first_beat_at + (rng.random() - 0.5) * interval
-
-
-def next_beat_slot(slot, interval, now, calm_beats, jitter_fraction, rng, not_before=None):
-    """When the next beat goes, given the last beat's slot and the calm beats (calm_after).
-
-    Calm: the next slot of the fixed-rate schedule (next_slot_after), so the agent keeps
-    its phase and a fleet keeps the even spread it settled on.
-    The last beat failed: up to jitter_fraction of an interval EARLIER (jitter_offset),
-    never later, and the schedule moves with it: failing agents do not hit a busy server in
-    the same order beat after beat, and each is heard within one interval of the server's
-    return (about 1 + jitter_fraction / 2 requests per interval).
-    Congested (it succeeded, but a beat failed within the last CALM_AFTER_BEATS): the slot
-    congested_stretch() intervals on. A server that turns hosts away gets fewer requests
-    from those it just heard, and its capacity goes to the hosts that are still failing.
-    A server's Retry-After (not_before) skips the slots before it; missed slots are never
-    caught up in a burst.
-    """
-    if calm_beats == 0:
-        slot += jitter_offset(rng, interval, jitter_fraction)
-    if not_before is not None:
-        now = max(now, not_before)
-    slot = next_slot_after(slot, interval, now)
-    if 0 < calm_beats < CALM_AFTER_BEATS:
-        slot += (congested_stretch(interval) - 1) * interval
-    return slot
-
-
-def congested_stretch(interval):
-    """Intervals between the beats of a congested agent that succeed (1 to 3).
-
-    As many as fit in half the server's offline window, and at most CONGESTED_STRETCH_MAX
-    (half of a window of 6 intervals, for servers set to a shorter window), so after a
-    stretched beat there is room for several failing beats (one interval apart) before the
-    host shows offline: 3 at the default 30 s interval (a beat every 90 s), 1 from 90 s on.
-    """
-    return max(1, min(CONGESTED_STRETCH_MAX, int(SERVER_OFFLINE_AFTER_S / 2 // interval)))
-
-
-def calm_after(calm_beats, ok):
-    """Successful beats in a row, counted up to CALM_AFTER_BEATS; 0 after a failed beat."""
-    return min(CALM_AFTER_BEATS, calm_beats + 1) if ok else 0
-
-
-def attempts_allowed(consecutive_failures, calm_beats=CALM_AFTER_BEATS):
-    """The retry budget of a beat: MAX_ATTEMPTS_PER_BEAT while calm, else one request.
-
-    Retries within a beat help with a blip, not with an outage: there they multiply the
-    load of a server that is trying to recover. Once a beat has failed, each beat sends
-    one request until CALM_AFTER_BEATS beats in a row have succeeded.
-    """
-    if consecutive_failures == 0 and calm_beats >= CALM_AFTER_BEATS:
-        return MAX_ATTEMPTS_PER_BEAT
-    return 1
-
-
-def retry_pause(attempt, attempts, budget, now, timeout, give_up_at, rng):
-    """Seconds to wait before the next attempt of this beat, or None to end the beat.
-
-    None when the attempt succeeded, failed definitely, or used up the beat's `budget`
-    (attempts_allowed). Else the server's Retry-After, or exponential backoff with full
-    jitter (uniform in 0..min(cap, base * 2**n)); None too when the next attempt's whole
-    timeout would not fit before `give_up_at`, so a beat never runs into the next one.
-    """
-    if attempt.ok or not attempt.retryable or attempts >= budget:
-        return None
-    if attempt.retry_after_s is not None:
-        pause = attempt.retry_after_s
-    else:
-        backoff = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempts - 1))
-        pause = rng.uniform(0, backoff)
-    if now + pause + timeout > give_up_at:
-        return None
-    return pause
-
-
-def retry_not_before(attempt, now):
-    """The earliest time of the next beat after this attempt: Retry-After, capped, or None."""
-    if attempt.ok or attempt.retry_after_s is None:
-        return None
-    return now + min(attempt.retry_after_s, MAX_RETRY_AFTER_S)
-
-
-# --------------------------------------------------------------------------- logging
+# ------------------------------------------------------------------------------------------ logging
 
 
 class Health:
@@ -1721,34 +1757,34 @@ class Health:
         self.clock = clock
         self.healthy = None  # unknown until the first beat
         self.failing_since = None
-        self.failed_beats = 0
         self.last_kind = None
         self.last_summary_at = None
         self.beats = 0
 
-    def report(self, result, state):
+    def report(self, result, state, failed_beats):
+        """Log one beat's result; `failed_beats`: the failed beats in a row, the one that
+        just ended included (on success: those before it)."""
         self.beats += 1
         now = self.clock()
         if result.ok:
-            self.report_success(result, state, now)
+            self.report_success(result, state, now, failed_beats)
         else:
-            self.report_failure(result, now)
+            self.report_failure(result, now, failed_beats)
 
-    def report_success(self, result, state, now):
+    def report_success(self, result, state, now, failed_beats):
         if self.healthy is None:
             log.info("first heartbeat accepted by %s: server %r (id %s), agent %s",
                      state["api_url"], state["server_name"], state["server_id"], AGENT_VERSION)
         elif not self.healthy:
             log.info("heartbeats recovered after %s of failures (%d beats failed)",
-                     format_duration(now - self.failing_since), self.failed_beats)
+                     format_duration(now - self.failing_since), failed_beats)
         else:
             log.debug("heartbeat accepted (%d attempt%s)", result.attempts,
                       "" if result.attempts == 1 else "s")
-        self.healthy, self.failing_since, self.failed_beats = True, None, 0
+        self.healthy, self.failing_since = True, None
         self.last_kind = None
 
-    def report_failure(self, result, now):
-        self.failed_beats += 1
+    def report_failure(self, result, now, failed_beats):
         if self.healthy is not False:
             self.failing_since = self.last_summary_at = now
             log.warning("heartbeat failed: %s", result.error)
@@ -1757,7 +1793,7 @@ class Health:
             self.last_summary_at = now
         elif now - self.last_summary_at >= FAILURE_SUMMARY_EVERY_S:
             log.warning("heartbeat failing for %s (%d beats): %s",
-                        format_duration(now - self.failing_since), self.failed_beats,
+                        format_duration(now - self.failing_since), failed_beats,
                         result.error)
             self.last_summary_at = now
         else:
@@ -1770,15 +1806,6 @@ class Health:
             return "heartbeat ok at {} ({} beats)".format(state["last_success_at"], self.beats)
         return "heartbeat failing ({} in a row): {}".format(
             state["consecutive_failures"], state["last_error"])
-
-
-def format_duration(seconds):
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class ScrubbingFormatter(logging.Formatter):
@@ -1812,7 +1839,7 @@ def setup_logging(level_name, env):
     return formatter
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- main
 
 
 class UsageError(Exception):
@@ -1857,6 +1884,12 @@ def fail(message, status):
     return status
 
 
+def say(line):
+    """Print to stdout, if there is one (it may be closed)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        print(line, flush=True)
+
+
 def run_once(agent):
     result = agent.beat_once()
     if result.ok:
@@ -1869,12 +1902,6 @@ def run_once(agent):
         return EX_OK
     say(f"heartbeat failed after {result.attempts} attempt(s): {agent.scrub(result.error)}")
     return EX_FAILED
-
-
-def say(line):
-    """Print to stdout, if there is one (it may be closed)."""
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        print(line, flush=True)
 
 
 def run_daemon(agent, notifier):
@@ -1913,6 +1940,13 @@ def run_daemon(agent, notifier):
     return EX_OK
 
 
+def log_proxy(agent):
+    if agent.proxy:
+        log.info("using the proxy %s for %s (from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY; "
+                 "NO_PROXY does not exempt it)", printable(redact_url(agent.proxy)),
+                 agent.config["api_url"])
+
+
 def main(argv=None, env=None):
     env = os.environ if env is None else env
     try:
@@ -1944,13 +1978,6 @@ def main(argv=None, env=None):
              agent.mode, "; ".join(describe_config(config, sources)))
     log_proxy(agent)
     return run_daemon(agent, notifier)
-
-
-def log_proxy(agent):
-    if agent.proxy:
-        log.info("using the proxy %s for %s (from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY; "
-                 "NO_PROXY does not exempt it)", printable(redact_url(agent.proxy)),
-                 agent.config["api_url"])
 
 
 if __name__ == "__main__":

@@ -25,17 +25,21 @@ class ReceiverError(RuntimeError):
 
 
 class ReceiverProcess:
-    def __init__(self, port, logpath, servers=None):
-        """servers: [{"id": 1, "name": "web-01", "token": ...}, ...], or None to accept any id."""
+    def __init__(self, port, logpath, servers=None, legacy=True):
+        """servers: [{"id": 1, "name": "web-01", "token": ...}, ...], or None to accept any id.
+        legacy: also accept the legacy API (hosts deployed with a server id and no token)."""
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.logpath = Path(logpath)
         self.servers = servers
+        self.legacy = legacy
         self.process = None
 
     def start(self):
         self.logpath.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
                    "--listen", f"0.0.0.0:{self.port}"]
+        if self.legacy:
+            command.append("--accept-legacy")
         if self.servers is None:
             command.append("--accept-any")
         else:

@@ -596,7 +596,7 @@ def test_a_head_of_normal_size_with_many_cookies_is_accepted(hostile, make_agent
 def test_failures_whose_text_changes_every_time_are_summarised_by_kind(
         server, make_agent, clock, caplog):
     agent = make_agent(server.url)
-    agent.calm_beats = 0  # already failing: one request per beat
+    agent.memory.calm_beats = 0  # already failing: one request per beat
     server.then(*[Reply(503, {"error": "busy", "request_id": f"req-{n:06d}"})
                   for n in range(30)])
     with caplog.at_level(logging.INFO, logger="stacksense-heartbeat"):
