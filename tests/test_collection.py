@@ -134,3 +134,25 @@ def test_the_home_check_names_what_appeared_and_ignores_ansibles_own_temporary_d
     assert home_check.main(["compare", str(snapshot)], {"HOME": str(tmp_path)}) == 0
     (ansible / "roles").mkdir()
     assert home_check.main(["compare", str(snapshot)], {"HOME": str(tmp_path)}) == 1
+
+
+def test_a_clone_runs_the_collections_own_plugins_and_the_artifact_carries_them():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "ansible.cfg")
+    paths = cfg["defaults"]["collections_path"].split(":")
+    assert paths[0] == ".collections" and "~/.ansible/collections" in paths, paths
+    ignored = set(galaxy()["build_ignore"])
+    assert ".collections" in ignored and "plugins" not in ignored
+    assert (ROOT / "plugins" / "filter").is_dir()
+
+
+def test_every_scenario_finds_the_clone_as_the_collection_and_installs_nothing_in_home():
+    for config in sorted(ROOT.glob("molecule/*/molecule.yml")):
+        scenario = yaml.safe_load(config.read_text())
+        assert scenario.get("prerun") is False, f"{config}: Molecule would install into ~/.ansible"
+        defaults = scenario.get("ansible", {}).get("cfg", {}).get("defaults", {})
+        if "roles_path" in defaults:  # a scenario that runs the role
+            first = defaults.get("collections_path", "").split(":")[0]
+            assert first == "${MOLECULE_PROJECT_DIRECTORY}/.collections", config
