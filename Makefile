@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export NO_COLOR := 1
 SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience network status
 
-.PHONY: venv prereqs lint unit images molecule collection-test ee-test changelog test clean
+.PHONY: venv prereqs lint gates unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
 
 venv: $(VENV)/.installed
@@ -30,6 +30,13 @@ lint: venv
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
 	$(BIN)/antsibull-changelog lint
+
+# The Ansible ecosystem's own gates (scripts/gates.py): shellcheck on every shell script,
+# ansible-test sanity and galaxy-importer on the built collection. Offline but for PyPI.
+gates: venv
+	$(BIN)/python scripts/gates.py shellcheck
+	$(BIN)/python scripts/gates.py sanity
+	$(BIN)/python scripts/gates.py importer
 
 unit: venv
 	$(BIN)/pytest -q tests
@@ -64,10 +71,10 @@ changelog: venv
 	@test -n "$(VERSION)" || { echo "make changelog: set VERSION, e.g. VERSION=1.2.0" >&2; exit 2; }
 	$(BIN)/antsibull-changelog release --version "$(VERSION)"
 
-test: prereqs lint unit molecule collection-test ee-test demo-check
+test: prereqs lint gates unit molecule collection-test ee-test demo-check
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .cache/ansible-test-home
 
 # Local fleet demo (docs/DEMO.md). DEMO_HOSTS (3), DEMO_PORT (8480), DEMO_INTERVAL (5)
 # and DEMO_OFFLINE_AFTER (30) reach scripts/demo.sh from the command line:

@@ -74,32 +74,43 @@ Exit codes:
 Needs Python 3.6+ and requests 2.25+; nothing else.
 """
 
-import argparse
-import contextlib
-import email.utils
-import http.client
-import ipaddress
-import json
-import logging
-import math
-import os
-import random
-import re
 import signal
-import socket
-import stat
-import sys
-import tempfile
 import threading
-import time
-from datetime import datetime, timezone
-from urllib.parse import unquote, urlsplit
 
-import requests
-import requests.adapters
-import urllib3.connection
-import urllib3.connectionpool
-import urllib3.exceptions
+# A SIGHUP that comes before the loop listens (systemd's reload right after a restart) must not
+# end the agent: from the first instruction it is only noted, and run_daemon() acts on it.
+HANGUP = threading.Event()
+if __name__ == "__main__":
+    signal.signal(signal.SIGHUP, lambda *_: HANGUP.set())
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import contextlib  # noqa: E402
+import email.utils  # noqa: E402
+import http.client  # noqa: E402
+import ipaddress  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from urllib.parse import quote, unquote, urlsplit  # noqa: E402
+
+try:
+    import requests
+    import requests.adapters
+    import urllib3.connection
+    import urllib3.connectionpool
+    import urllib3.exceptions
+except ImportError:  # an Ansible controller checking settings (settings_problems) needs none
+    requests = None
 
 AGENT_VERSION = "1.1.0"
 AGENT_NAME = "stacksense-heartbeat"
@@ -455,11 +466,18 @@ def load_config(args, env):
         try:
             config[setting.name] = setting.parse(raw)
         except ValueError as error:
-            shown = shown_value(setting, raw)
-            raise ConfigError(f"{setting.name} ({source}) is {shown}: {error}") from None
+            raise ConfigError(setting_problem(setting, source, raw, error)) from None
     apply_derived_defaults(config, sources, env)
-    check_consistency(config, sources)
+    problems = consistency_problems(config, sources, config["api_token"] is not None)
+    if problems:
+        raise ConfigError(problems[0])
+    check_proxy(proxy_for(config["api_url"]))
     return config, sources
+
+
+def setting_problem(setting, source, raw, error):
+    """The one-line message for a value that `setting.parse` refused."""
+    return f"{setting.name} ({source}) is {shown_value(setting, raw)}: {error}"
 
 
 def expand_home(path, env):
@@ -471,8 +489,8 @@ def expand_home(path, env):
 
 def apply_derived_defaults(config, sources, env):
     """Fill in the defaults that depend on other values or on systemd's environment."""
-    if config["timeout"] >= config["interval"] and sources["timeout"] == "default":
-        config["timeout"] = config["interval"] / 2.0
+    if sources["timeout"] == "default":
+        config["timeout"] = default_timeout(config["interval"])
     state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
     if config["state_file"] is None and state_dir:
         config["state_file"] = os.path.join(state_dir, STATE_FILE_NAME)
@@ -506,17 +524,124 @@ def read_token_file(path, source):
                           "- . _ ~ + /, then = padding)") from None
 
 
-def check_consistency(config, sources):
+def default_timeout(interval):
+    """The timeout when none is set: DEFAULT_TIMEOUT_S, or half the interval when that is less."""
+    return DEFAULT_TIMEOUT_S if interval > DEFAULT_TIMEOUT_S else interval / 2.0
+
+
+def consistency_problems(config, sources, token_given):
+    """What is wrong between the settings (each parsed alone already): one line each."""
+    problems = []
     if config["api_url"] is None:
-        raise ConfigError("api_url is not set: set STACKSENSE_API_URL (or 'api_url' in the "
-                          "config file), e.g. https://stacksense.example.com")
-    if config["server_id"] is None and config["api_token"] is None:
-        raise ConfigError("server_id is not set: set STACKSENSE_SERVER_ID to the id shown in "
-                          "the StackSense dashboard, or configure an API token")
+        problems.append("api_url is not set: set STACKSENSE_API_URL (or 'api_url' in the "
+                        "config file), e.g. https://stacksense.example.com")
+    if config["server_id"] is None and not token_given:
+        problems.append("server_id is not set: set STACKSENSE_SERVER_ID to the id shown in "
+                        "the StackSense dashboard, or configure an API token")
     if config["timeout"] >= config["interval"]:
-        raise ConfigError("timeout ({}) is {:g}: expected fewer seconds than the interval "
-                          "({:g} s)".format(sources["timeout"], config["timeout"],
-                                            config["interval"]))
+        problems.append("timeout ({}) is {:g}: expected fewer seconds than the interval "
+                        "({:g} s)".format(sources["timeout"], config["timeout"],
+                                          config["interval"]))
+    return problems
+
+
+def check_proxy(proxy):
+    """Refuse a proxy URL that cannot mean what its writer meant (ConfigError), quietly.
+
+    A password with an unencoded # ? / or @ would be cut at that character, and the rest
+    taken for the host or a fragment; its parts are never shown.
+    """
+    problem = proxy_problem(proxy)
+    if problem:
+        raise ConfigError(problem + " (set in HTTPS_PROXY, HTTP_PROXY or ALL_PROXY)")
+
+
+def proxy_problem(proxy):
+    """Why the proxy URL (from HTTPS_PROXY, HTTP_PROXY or ALL_PROXY) is unusable, or None."""
+    if not proxy:
+        return None
+    shown = redact_url(proxy)
+    fix = ("expected [http://][user:password@]host:port, with # ? / @ % in the user or the "
+           "password percent-encoded (%23 %3F %2F %40 %25)")
+    text = proxy if "://" in proxy else "http://" + proxy
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return f"the proxy URL {shown!r} is not valid: {fix}"
+    if parts.query or parts.fragment or "?" in text or "#" in text or not parts.hostname:
+        return f"the proxy URL {shown!r} is not valid: {fix}"
+    if parts.scheme.lower() not in ("http", "https", "socks4", "socks4a", "socks5", "socks5h"):
+        return f"the proxy URL {shown!r} has an unknown scheme: {fix}"
+    return None
+
+
+# Settings whose check needs the host's files (existence, readability): settings_problems()
+# checks only that they are paths.
+HOST_FILE_SETTINGS = ("api_token_file", "ca_bundle")
+PROXY_VARIABLES = ("https_proxy", "http_proxy", "all_proxy")
+
+
+def settings_problems(env):
+    """What the agent would refuse in the environment `env`, as one-line messages ([] if none).
+
+    `env` maps STACKSENSE_* (and proxy) variables to their values as the unit or the cron
+    file passes them; values that are not strings are taken as str(value). The checks are
+    the loader's own parsers and consistency rules, without those that need the host: the
+    token, CA and state files are only checked to be paths, and a token counts as given when
+    STACKSENSE_API_TOKEN, STACKSENSE_API_TOKEN_FILE or CREDENTIALS_DIRECTORY (systemd's
+    LoadCredential=) is set. Every proxy variable that is set is checked, whether or not
+    NO_PROXY exempts the server. Pure: no file, network or `requests` is touched.
+    """
+    config, sources, problems = {}, {}, []
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        raw = "" if raw is None else raw if isinstance(raw, str) else str(raw)
+        config[setting.name], sources[setting.name] = setting.default, "default"
+        if not raw.strip():
+            continue
+        sources[setting.name] = f"environment {setting.env}"
+        parse = parse_path if setting.name in HOST_FILE_SETTINGS else setting.parse
+        try:
+            config[setting.name] = parse(raw)
+        except ValueError as error:
+            problems.append(setting_problem(setting, sources[setting.name], raw, error))
+    if not problems:
+        if sources["timeout"] == "default":
+            config["timeout"] = default_timeout(config["interval"])
+        token_given = any(str(env.get(name) or "").strip() for name in (
+            "STACKSENSE_API_TOKEN", "STACKSENSE_API_TOKEN_FILE", "CREDENTIALS_DIRECTORY"))
+        problems = consistency_problems(config, sources, token_given)
+    for name in PROXY_VARIABLES:
+        for key in (name, name.upper()):
+            problem = proxy_problem(str(env.get(key) or "").strip())
+            if problem:
+                problems.append(f"{key}: {problem}")
+    return problems
+
+
+def derived_settings(env):
+    """The values the agent derives from `env` (as in settings_problems), for the role.
+
+    {"interval": s, "timeout": s, "jitter": fraction, "watchdog_s": seconds for systemd's
+    WatchdogSec=}. The timeout is the one set, else default_timeout(interval). The watchdog
+    is four timeouts and at least a minute: the agent pings it while it waits and during
+    every exchange, which ends at the timeout; only a DNS lookup cannot be cut short, and
+    the margin leaves a slow resolver room without hiding a stuck loop for long. Raises
+    ValueError when settings_problems(env) is not empty.
+    """
+    problems = settings_problems(env)
+    if problems:
+        raise ValueError(problems[0])
+    values = {}
+    for name in ("interval", "timeout", "jitter"):
+        setting = SETTINGS_BY_NAME[name]
+        raw = str(env.get(setting.env) if env.get(setting.env) is not None else "").strip()
+        values[name] = setting.parse(raw) if raw else setting.default
+    if not str(env.get("STACKSENSE_TIMEOUT") or "").strip():
+        values["timeout"] = default_timeout(values["interval"])
+    values["watchdog_s"] = max(60, math.ceil(values["timeout"] * 4))
+    return values
 
 
 def describe_config(config, sources):
@@ -787,60 +912,55 @@ def shut_down(sock):
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class WatchedConnection:
-    """Mixin for urllib3's connection classes: hands each new socket to the exchange's guard."""
+# The wire: requests with urllib3 connection classes of our own. Only the agent itself needs
+# them; settings_problems() runs where requests may be missing (an Ansible controller).
+if requests is not None:
+    class WatchedConnection:
+        """Mixin for urllib3's connection classes: hands each new socket to the exchange's guard."""
 
-    def _new_conn(self):
-        sock = super()._new_conn()
-        guard = getattr(EXCHANGE, "guard", None)
-        if guard is not None:
-            guard.watch(sock)
-        return sock
+        def _new_conn(self):
+            sock = super()._new_conn()
+            guard = getattr(EXCHANGE, "guard", None)
+            if guard is not None:
+                guard.watch(sock)
+            return sock
 
+    class WatchedHTTPConnection(WatchedConnection, urllib3.connection.HTTPConnection):
+        pass
 
-class WatchedHTTPConnection(WatchedConnection, urllib3.connection.HTTPConnection):
-    pass
+    class WatchedHTTPSConnection(WatchedConnection, urllib3.connection.HTTPSConnection):
+        pass
 
+    class WatchedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+        ConnectionCls = WatchedHTTPConnection
 
-class WatchedHTTPSConnection(WatchedConnection, urllib3.connection.HTTPSConnection):
-    pass
+    class WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPSConnection
 
+    WATCHED_POOLS = {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
 
-class WatchedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = WatchedHTTPConnection
+    class WatchedAdapter(requests.adapters.HTTPAdapter):
+        """requests' adapter whose connections, direct or through an HTTP(S) proxy, are watched."""
 
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
 
-class WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
-    ConnectionCls = WatchedHTTPSConnection
+        def proxy_manager_for(self, proxy, **proxy_kwargs):
+            manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+            if not proxy.lower().startswith("socks"):  # SOCKS has its own connection classes
+                manager.pool_classes_by_scheme = WATCHED_POOLS
+            return manager
 
+    def make_session():
+        session = requests.Session()
+        adapter = WatchedAdapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
 
-WATCHED_POOLS = {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
-
-
-class WatchedAdapter(requests.adapters.HTTPAdapter):
-    """requests' adapter whose connections, direct or through an HTTP(S) proxy, are watched."""
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
-
-    def proxy_manager_for(self, proxy, **proxy_kwargs):
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if not proxy.lower().startswith("socks"):  # SOCKS has its own connection classes
-            manager.pool_classes_by_scheme = WATCHED_POOLS
-        return manager
-
-
-def make_session():
-    session = requests.Session()
-    adapter = WatchedAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
-                  http.client.HTTPException, OSError, ValueError)
+    NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
+                      http.client.HTTPException, OSError, ValueError)
 
 
 class Agent:
@@ -952,10 +1072,7 @@ class Agent:
 
     def scrub(self, text):
         """`text` without the secrets it could carry (the token, the proxy's password)."""
-        secrets = [self.config.get("api_token")]
-        password = proxy_password(self.proxy)
-        if password:
-            secrets += [password, unquote(password)]
+        secrets = [self.config.get("api_token"), *proxy_secrets(self.proxy)]
         for secret in secrets:
             if secret:
                 text = text.replace(secret, "<redacted>")
@@ -1014,7 +1131,7 @@ class Agent:
         that is not a number is not compared (logged).
         """
         url = self.config["api_url"] + "/api/agent/ping/"
-        attempt, _, _ = self.with_retries("GET", url, None, "authenticated", give_up_at)
+        attempt = self.with_retries("GET", url, None, "authenticated", give_up_at)[0]
         if not attempt.ok:
             return attempt
         raw_id = attempt.answer.get("server_id")
@@ -1059,8 +1176,8 @@ class Agent:
         if failed is not None:
             return BeatResult(False, 1, failed.status, failed.error, failed.answer)
         body = {"agent_version": AGENT_VERSION}
-        attempt, attempts, _ = self.with_retries("POST", self.heartbeat_url(), body,
-                                                 "heartbeat_received", give_up_at)
+        attempt, attempts = self.with_retries("POST", self.heartbeat_url(), body,
+                                              "heartbeat_received", give_up_at)[:2]
         return BeatResult(attempt.ok, attempts, attempt.status, attempt.error, attempt.answer)
 
     def internal_error(self, error):
@@ -1174,8 +1291,16 @@ def shorten(text, limit=MAX_SHOWN_CHARS):
 
 
 def redact_url(url):
-    """`url` with any user:password@ replaced by <redacted>@."""
-    return re.sub(r"\A([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1<redacted>@", url)
+    """`url` with any user:password@ replaced by <redacted>@, scheme or not.
+
+    Up to the last @: a password written with an unencoded # ? / or @ stays hidden too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        scheme, sep, rest = "", "", url
+    if "@" not in rest:
+        return url
+    return scheme + sep + "<redacted>@" + rest.rsplit("@", 1)[1]
 
 
 def proxy_for(url):
@@ -1186,11 +1311,23 @@ def proxy_for(url):
         return None
 
 
-def proxy_password(proxy):
-    try:
-        return urlsplit(proxy).password if proxy else None
-    except ValueError:
-        return None
+def proxy_secrets(proxy):
+    """Every form in which the proxy URL's credentials may come back: the user:password
+    part raw and percent-decoded, the password alone in both forms and percent-encoded, and
+    the base64 of user:password that a Basic Proxy-Authorization carries."""
+    if not proxy:
+        return []
+    rest = proxy.partition("://")[2] or proxy
+    if "@" not in rest:
+        return []
+    userinfo = rest.rsplit("@", 1)[0]
+    user, _colon, password = userinfo.partition(":")
+    decoded = unquote(user) + ":" + unquote(password)
+    basic = base64.b64encode(decoded.encode("latin-1", "replace")).decode("ascii")
+    forms = [userinfo, decoded, basic]
+    if password:
+        forms += [password, unquote(password), quote(unquote(password), safe="")]
+    return forms
 
 
 def next_slot_after(slot, interval, now):

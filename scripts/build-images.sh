@@ -227,8 +227,14 @@ else
   declare -A PIDS=()
   # On Ctrl-C or TERM stop every process of every build (each build runs in
   # its own process group); each build then deletes its scratch root.
-  trap 'for p in "${PIDS[@]}"; do kill -TERM -- "-$p"; done 2>/dev/null
-        wait; rm -rf "$logdir"; exit 130' INT TERM
+  stop_builds() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid"; done 2>/dev/null
+    wait
+    rm -rf "$logdir"
+    exit 130
+  }
+  trap stop_builds INT TERM
   set -m # job control: a process group per background build
   for tag in "${TODO[@]}"; do
     (build_one "$tag") </dev/null >"$logdir/$tag.log" 2>&1 &

@@ -101,9 +101,10 @@ ensure_prereqs() {
   require_root
   command -v apt-get >/dev/null || die "apt-get not found: the demo needs Debian or Ubuntu"
   # python3-venv for `make venv`; the keyring for scripts/build-images.sh; openssh-client
-  # (ssh-keygen) for `make ee-test`. `make prereqs` (part of `make test`) runs this too.
+  # (ssh-keygen) for `make ee-test`; shellcheck for `make gates`. `make prereqs` (part of
+  # `make test`) runs this too.
   apt_install_missing podman runc debootstrap iptables debian-archive-keyring python3-venv \
-    openssh-client
+    openssh-client shellcheck
 }
 
 ensure_venv() {

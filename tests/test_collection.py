@@ -1,11 +1,22 @@
 """The repository is the collection stacksense.fleet: one version everywhere, the same EE pins."""
 
+import importlib.util
 import re
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def galaxy():
@@ -69,3 +80,38 @@ def test_the_role_finds_the_agent_at_the_collection_root():
     assert source == "{{ role_path }}/../../agent/heartbeat_agent.py"
     role_path = ROOT / "roles" / "stacksense_agent"
     assert (role_path / ".." / ".." / "agent" / "heartbeat_agent.py").resolve().is_file()
+
+
+def test_the_repository_and_the_artifact_carry_the_mit_licence_galaxy_yml_names(tmp_path):
+    assert galaxy()["license"] == ["MIT"]
+    licence = (ROOT / "LICENSE").read_text()
+    assert licence.startswith("MIT License\n")
+    assert f"Copyright (c) 2026 {', '.join(galaxy()['authors'])}\n" in licence
+    subprocess.run([sys.executable, "-m", "ansible.cli.galaxy", "collection", "build",
+                    "--output-path", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (artifact,) = tmp_path.glob("stacksense-fleet-*.tar.gz")
+    with tarfile.open(artifact) as tar:
+        assert tar.extractfile("LICENSE").read().decode() == licence
+
+
+def test_the_gates_shellcheck_every_shell_script_and_nothing_else(tmp_path):
+    gates = load_script("gates")
+    files = {"run": "#!/usr/bin/env bash\n", "setup.sh": "echo\n", "x": "#!/bin/sh -e\n",
+             "tool.py": "#!/usr/bin/env python3\n", "notes.txt": "run it with #!/bin/bash\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert [p.name for p in gates.shell_scripts(sorted(tmp_path.iterdir()))] == [
+        "run", "setup.sh", "x"]
+    ours = {p.relative_to(ROOT).as_posix() for p in gates.shell_scripts(gates.repository_files())}
+    assert {".ci/run", "scripts/demo.sh", "scripts/build-images.sh"} <= ours
+
+
+def test_the_claimed_oldest_ansible_core_is_the_one_the_tests_run():
+    pins = dict(line.split("==") for line in (ROOT / "requirements-dev.txt").read_text().split()
+                if "==" in line)
+    tested = ".".join(pins["ansible-core"].split(".")[:2])
+    runtime = yaml.safe_load((ROOT / "meta" / "runtime.yml").read_text())
+    assert runtime["requires_ansible"] == f">={tested}.0"
+    role_meta = yaml.safe_load(
+        (ROOT / "roles" / "stacksense_agent" / "meta" / "main.yml").read_text())
+    assert role_meta["galaxy_info"]["min_ansible_version"] == tested

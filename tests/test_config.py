@@ -3,10 +3,12 @@
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_agent_process
+from conftest import AGENT_PATH, run_agent_process
 
 GOOD_ENV = {"STACKSENSE_SERVER_ID": "42", "STACKSENSE_API_URL": "https://stacksense.example.com"}
 
@@ -331,3 +333,96 @@ def test_fuzzed_config_files_give_exit_0_or_78_with_one_line_never_a_traceback(
             assert out == "" and err.count("\n") == 1, (data[:200], err)
         outcomes.add(status)
     assert outcomes == {0, 78}
+
+
+# The role's preflight calls settings_problems() on the controller: the same table of values
+# goes to it and to the agent's loader, and both must say the same.
+HOST_FILE_VARIABLES = ("STACKSENSE_API_TOKEN_FILE", "STACKSENSE_CA_BUNDLE")
+GOOD_ENVIRONMENT = [
+    {},
+    {"STACKSENSE_INTERVAL": "12", "STACKSENSE_JITTER": "0"},
+    {"STACKSENSE_INTERVAL": 15, "STACKSENSE_TIMEOUT": 14.5, "STACKSENSE_LOG_LEVEL": "DEBUG"},
+    {"STACKSENSE_API_URL": "https://[::1]:8443/prefix/"},
+    {"STACKSENSE_API_URL": "http://10.0.0.9:8000", "STACKSENSE_SERVER_ID": " 7 "},
+    {"STACKSENSE_SERVER_ID": "", "STACKSENSE_API_TOKEN": "abc-._~+/=="},
+    {"STACKSENSE_STATE_FILE": "/var/lib/x/state.json"},
+    {"HTTPS_PROXY": "http://user:p%23ss@proxy.example:3128"},
+    {"HTTPS_PROXY": "proxy.example:3128"},
+]
+PROXY_BAD_ENVIRONMENT = [
+    {"HTTPS_PROXY": "http://user:pa#ss@proxy.example:3128"},
+    {"HTTPS_PROXY": "user:pa#ss@proxy.example:3128"},
+    {"https_proxy": "http://proxy.example:31x8"},
+    {"HTTPS_PROXY": "ftp://proxy.example:21"},
+]
+
+
+@pytest.mark.parametrize("change", GOOD_ENVIRONMENT)
+def test_the_settings_check_accepts_what_the_agent_accepts(agent_module, capsys, change,
+                                                           monkeypatch):
+    env = {key: str(value) for key, value in dict(GOOD_ENV, **change).items()}
+    for key, value in env.items():
+        if key.endswith("_PROXY"):
+            monkeypatch.setenv(key, value)  # requests reads the proxy from os.environ
+    assert agent_module.settings_problems(dict(GOOD_ENV, **change)) == []
+    assert run_main(agent_module, capsys, env=env)[0] == 0
+
+
+@pytest.mark.parametrize(("change", "named", "expected"), BAD_ENVIRONMENT)
+def test_the_settings_check_refuses_what_the_agent_refuses_naming_the_setting(
+        agent_module, change, named, expected):
+    problems = agent_module.settings_problems(dict(GOOD_ENV, **change))
+    if named in HOST_FILE_VARIABLES and "NUL" not in expected:
+        assert problems == []  # whether the file is there is the host's business
+        return
+    assert len(problems) >= 1
+    assert all("\n" not in problem for problem in problems)
+    setting = next(s for s in agent_module.SETTINGS if s.env == named)
+    assert setting.name in problems[0] and expected in problems[0]
+
+
+@pytest.mark.parametrize("change", PROXY_BAD_ENVIRONMENT)
+def test_a_bad_proxy_url_is_refused_by_both_without_showing_the_password(
+        agent_module, capsys, monkeypatch, change):
+    (key, value), = change.items()
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                 "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(key, value)
+    problems = agent_module.settings_problems(dict(GOOD_ENV, **change))
+    status, out, err = run_main(agent_module, capsys, env=dict(GOOD_ENV, **change))
+    assert status == 78 and err.count("\n") == 1
+    assert len(problems) == 1 and key in problems[0] and "proxy URL" in err
+    for text in (problems[0], err, out):
+        assert "pa#ss" not in text and "ss@" not in text.replace("<redacted>@", "")
+
+
+def test_the_derived_timeout_is_the_one_the_agent_uses(agent_module):
+    for interval in [1, 1.5, 2, 5, 10, 11, 12, 15, 19, 20, 21, 30, 60, 86400]:
+        env = dict(GOOD_ENV, STACKSENSE_INTERVAL=str(interval))
+        config, _ = agent_module.load_config(agent_module.build_parser().parse_args([]),
+                                             dict(env, HOME="/nonexistent"))
+        derived = agent_module.derived_settings(env)
+        assert derived["timeout"] == config["timeout"] < interval
+        assert derived["interval"] == interval and derived["jitter"] == config["jitter"]
+        assert derived["watchdog_s"] >= max(60, 4 * config["timeout"])
+
+
+def test_the_settings_check_needs_neither_requests_nor_side_effects():
+    code = (
+        "import importlib.util, signal, sys\n"
+        "sys.modules['requests'] = None\n"  # import requests now raises ImportError
+        "sys.modules['urllib3'] = None\n"
+        f"spec = importlib.util.spec_from_file_location('agent', {str(AGENT_PATH)!r})\n"
+        "agent = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(agent)\n"
+        "assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL\n"
+        "print(agent.settings_problems({'STACKSENSE_API_URL': 'https://x.example',"
+        " 'STACKSENSE_SERVER_ID': 'x'}))\n"
+        "print(agent.derived_settings({'STACKSENSE_API_URL': 'https://x.example',"
+        " 'STACKSENSE_SERVER_ID': '1', 'STACKSENSE_INTERVAL': '15'}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "server_id (environment STACKSENSE_SERVER_ID) is 'x'" in done.stdout
+    assert "'timeout': 10.0" in done.stdout

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What is wrong with PEM text meant as CA certificates (stacksense_ca_certificate).
 
 tasks/preflight.yml runs it on the controller, before the host is touched, with the PEM text
@@ -62,7 +61,7 @@ def ca_certificate_problem(text, now=None):
     if not text.strip():
         return "is empty"
     blocks = PEM_BLOCK.findall(text)
-    if any("PRIVATE KEY" in label for label, _ in blocks):
+    if any("PRIVATE KEY" in label for label, _body in blocks):
         return ("holds a PRIVATE KEY (give the CA's certificate only; a key never leaves "
                 "its server)")
     bodies = [body for label, body in blocks if label == "CERTIFICATE"]
