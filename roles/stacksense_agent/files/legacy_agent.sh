@@ -122,7 +122,7 @@ remove() {
     # Without the push agent, the rest under these names is 1.1.0's too.
     delete $opt/venv
     if [ $cron_was_ours = yes ] && id -u stacksense >/dev/null 2>&1; then
-      userdel stacksense
+      userdel -f stacksense
       echo "deleted the user stacksense (1.1.0, cron)"
     fi
     if getent group stacksense >/dev/null 2>&1 && ! id -u stacksense >/dev/null 2>&1 &&
