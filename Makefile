@@ -6,12 +6,27 @@ export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
 # Molecule runs ansible-playbook and friends from PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export NO_COLOR := 1
-SCENARIOS ?= default check bad_inventory upgrade token remove cron switch resilience network status
+# What Ansible keeps (Molecule's install of stacksense.fleet and its scenario state, temporary
+# files, ansible-galaxy's cache) stays in the clone, not in ~/.ansible: make test checks it.
+export ANSIBLE_HOME := $(CURDIR)/.cache/ansible-home
+# Longest first (README: what each costs), so that make molecule's lanes end together.
+SCENARIOS ?= upgrade network cron status remove token default resilience switch enroll bad_inventory check
+# Scenarios side by side (scripts/run_scenarios.py): each has its own containers and ports.
+MOLECULE_JOBS ?= 1
 
 .PHONY: venv prereqs lint gates unit images molecule collection-test ee-test changelog test clean
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
 
-venv: $(VENV)/.installed
+# The clone is the collection stacksense.fleet: ansible.cfg (and every Molecule scenario)
+# puts .collections first in the collections path, where this link names the repository,
+# so that the role's stacksense.fleet.* plugins are the clone's own files.
+COLLECTION_LINK := .collections/ansible_collections/stacksense/fleet
+
+venv: $(VENV)/.installed $(COLLECTION_LINK)
+
+$(COLLECTION_LINK):
+	mkdir -p $(@D)
+	ln -sfn ../../.. $@
 
 $(VENV)/.installed: requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -45,11 +60,7 @@ images:
 	scripts/build-images.sh
 
 molecule: venv images
-	set -e; for scenario in $(SCENARIOS); do \
-		echo "=== molecule test -s $$scenario"; started=$$(date +%s); \
-		$(BIN)/molecule test -s $$scenario; \
-		echo "=== $$scenario passed in $$(( $$(date +%s) - started )) s"; \
-	done
+	$(BIN)/python scripts/run_scenarios.py --jobs $(MOLECULE_JOBS) $(SCENARIOS)
 
 # The artifact of `ansible-galaxy collection build`, installed, deploys a host from a
 # playbook outside the repository (scripts/delivery_test.py; about 2 min).
@@ -71,10 +82,15 @@ changelog: venv
 	@test -n "$(VERSION)" || { echo "make changelog: set VERSION, e.g. VERSION=1.2.0" >&2; exit 2; }
 	$(BIN)/antsibull-changelog release --version "$(VERSION)"
 
-test: prereqs lint gates unit molecule collection-test ee-test demo-check
+# ~/.ansible before and after must hold the same (scripts/home_check.py).
+test:
+	python3 scripts/home_check.py snapshot build/home-before.txt
+	$(MAKE) --no-print-directory prereqs lint gates unit molecule collection-test ee-test \
+		demo-check
+	python3 scripts/home_check.py compare build/home-before.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .cache/ansible-test-home
+	rm -rf $(VENV) .collections .pytest_cache .ruff_cache .cache/ansible-test-home .cache/ansible-home
 
 # Local fleet demo (docs/DEMO.md). DEMO_HOSTS (3), DEMO_PORT (8480), DEMO_INTERVAL (5)
 # and DEMO_OFFLINE_AFTER (30) reach scripts/demo.sh from the command line:

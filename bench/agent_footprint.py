@@ -33,7 +33,7 @@ def rss_kib(pid="self"):
 def start_receiver():
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
-         "--listen", "127.0.0.1:0", "--server", "1:bench-01"],
+         "--listen", "127.0.0.1:0", "--server", "1:bench-01", "--accept-legacy"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     url = process.stdout.readline().split()[-1]
     return process, url

@@ -4,7 +4,10 @@
 Runs the real agent process (no injected clock) against servers on loopback from
 tests/hostile.py and reports:
 - memory: the agent's steady-state RSS against a healthy server, and its peak RSS (VmHWM)
-  while every answer is an endless body or a 50 MB body;
+  while every answer is one of MEMORY_VARIANTS (an endless body, a 50 MB body, a header
+  flood, a new cookie on every answer);
+- addresses: a name resolving to six addresses that drop packets, then a live one (a private
+  /etc/hosts in a mount namespace): the longest beat and the longest watchdog gap;
 - time: while a server trickles one byte every 0.1 s (in the headers, or in the body), the
   longest exchange (server side: from the request to the agent hanging up), the longest beat
   (first request of a beat to the STATUS= notification that ends it) and the longest gap
@@ -31,13 +34,38 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from hostile import (  # noqa: E402 - the shared hostile peers live with the tests
+    GOOD_ANSWER,
+    DeadAddress,
     HostileServer,
     NotifyRecorder,
     big_body,
     endless_body,
     endless_headers,
+    header_flood,
+    response,
     trickle,
 )
+
+
+def new_cookie_every_answer():
+    """A healthy answer that sets a new 4 KB cookie each time (a load balancer's)."""
+    counter = itertools.count()
+
+    def behave(conn, stop_event):
+        cookie = f"lb{next(counter)}={'x' * 4000}; Path=/; Max-Age=86400"
+        conn.sendall(response(200, GOOD_ANSWER, headers=[("Set-Cookie", cookie)]))
+
+    return behave
+
+
+# The memory experiments: what every answer is while the agent beats every 2 s.
+MEMORY_VARIANTS = {
+    "endless_body": endless_body,
+    "body_50_mb": lambda: big_body(50),
+    "header_flood_100_lines_of_60_kb": lambda: header_flood(100, 60000),
+    "header_flood_20000_short_lines": lambda: header_flood(20000, 40),
+    "new_cookie_every_answer": new_cookie_every_answer,
+}
 
 
 def memory_kib(pid):
@@ -174,17 +202,80 @@ def run_trickle(kind, timeout_s, interval_s, watchdog_usec, seconds):
     }
 
 
+DEAD = [f"127.0.0.{n}" for n in range(2, 8)]
+LIVE = "127.0.0.8"
+NAME = "multi.stacksense.test"
+
+
+def beats_in_namespace(url, timeout_s, beats):
+    """Inside the namespace: time `beats` real beats of the agent, and its watchdog pings."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("agent", str(AGENT[0]))
+    agent_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent_module)
+    with tempfile.TemporaryDirectory() as directory:
+        recorder = NotifyRecorder(Path(directory) / "notify.sock")
+        config = {"server_id": 42, "api_url": url, "interval": 30.0, "timeout": timeout_s,
+                  "api_token": None, "api_token_file": None, "ca_bundle": None,
+                  "state_file": None, "log_level": "warning", "jitter": 0.1}
+        notifier = agent_module.Notifier({"NOTIFY_SOCKET": recorder.path,
+                                          "WATCHDOG_USEC": str(int(timeout_s * 1e6))})
+        agent = agent_module.Agent(config, notifier=notifier)
+        durations, results = [], []
+        for _ in range(beats):
+            started = time.monotonic()
+            result = agent.beat_once()
+            durations.append(time.monotonic() - started)
+            results.append((result.ok, result.attempts))
+        time.sleep(0.05)
+        recorder.close()
+    pings = recorder.pings()
+    return {"beats": results, "longest_beat_s": round(max(durations), 3),
+            "longest_watchdog_gap_s": round(max(b - a for a, b in zip(pings, pings[1:])), 3),
+            "watchdog_ping_every_s": timeout_s / 2}
+
+
+def run_dead_addresses(timeout_s, beats):
+    """A name with six packet-dropping addresses, then a live one, in a private /etc/hosts."""
+    live = HostileServer(host=LIVE)
+    dead = [DeadAddress(address, live.port) for address in DEAD]
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            hosts = Path(directory) / "hosts"
+            hosts.write_text("".join(f"{a} {NAME}\n" for a in [*DEAD, LIVE]))
+            script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+            done = subprocess.run(
+                ["unshare", "--mount", "sh", "-c", script, str(hosts), sys.executable,
+                 __file__, "--agent", str(AGENT[0]), "--inside",
+                 f"http://{NAME}:{live.port}", str(timeout_s), str(beats)],
+                stdout=subprocess.PIPE, text=True, check=True)
+    finally:
+        for address in dead:
+            address.close()
+        live.close()
+    measured = json.loads(done.stdout)
+    measured.update(timeout_s=timeout_s, addresses=f"{len(DEAD)} dead, then 1 live",
+                    role_watchdog_sec=role_watchdog_sec(timeout_s))
+    return measured
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     parser.add_argument("--memory-only", action="store_true", help="skip the trickle runs")
     parser.add_argument("--agent", type=Path, default=AGENT[0], help="the agent to run")
+    parser.add_argument("--inside", nargs=3, help=argparse.SUPPRESS)  # URL TIMEOUT BEATS
     args = parser.parse_args()
     AGENT[0] = args.agent.resolve()
+    if args.inside:
+        url, timeout_s, beats = args.inside
+        print(json.dumps(beats_in_namespace(url, float(timeout_s), int(beats))))
+        return
     memory_s = 4 if args.quick else 10
     steady = run_memory(None, memory_s)
-    endless = run_memory(endless_body(), memory_s)
-    big = run_memory(big_body(50), memory_s)
+    memory = {name: run_memory(variant(), memory_s) for name, variant in MEMORY_VARIANTS.items()}
+    addresses = [run_dead_addresses(timeout_s, 2 if args.quick else 5)
+                 for timeout_s in (2.0, 10.0)]
     trickles = [] if args.memory_only else [
         run_trickle("headers", 2.0, 5.0, 1_000_000, 12 if args.quick else 30),
         run_trickle("body", 2.0, 5.0, 1_000_000, 12 if args.quick else 30)]
@@ -198,10 +289,10 @@ def main():
         "agent": str(AGENT[0].relative_to(ROOT) if ROOT in AGENT[0].parents else AGENT[0]),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "python": platform.python_version(), "requests": requests.__version__,
-        "memory_kib": {"steady": steady, "endless_body": endless, "body_50_mb": big},
-        "peak_over_steady": {
-            "endless_body": round(endless["VmHWM"] / steady["VmRSS"], 3),
-            "body_50_mb": round(big["VmHWM"] / steady["VmRSS"], 3)},
+        "memory_kib": {"steady": steady, **memory},
+        "peak_over_steady": {name: round(values["VmHWM"] / steady["VmRSS"], 3)
+                             for name, values in memory.items()},
+        "dead_addresses": addresses,
         "trickle": trickles,
     }
     print(json.dumps(result, indent=2))

@@ -230,7 +230,7 @@ class Receiver:
         with open(WORK / "receiver.log", "a") as logfile:
             self.process = subprocess.Popen(
                 [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
-                 "--listen", f"0.0.0.0:{RECEIVER_PORT}", "--accept-any"],
+                 "--listen", f"0.0.0.0:{RECEIVER_PORT}", "--accept-legacy", "--accept-any"],
                 stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
         for _ in range(50):
             try:

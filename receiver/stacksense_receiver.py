@@ -2,25 +2,37 @@
 """StackSense reference receiver: a small stand-in for the heartbeat API.
 
 THIS IS NOT THE STACKSENSE MONITORING SERVER. It is a test double used by
-this repository's tests, by Molecule scenarios and by the local demo. It
-answers with the same status codes as the real server so the agent and the
-Ansible role can be exercised without one; it has no database, no users and
-keeps everything in memory.
+this repository's tests, by Molecule scenarios and by the local demo. By
+default it answers like the real server (upstream Praveenamin/stacksense at 996e90c; the
+file:line of each behaviour is noted beside the code that mimics it, and in
+../../shared/REAL_SERVER.md of the project's notes); it has no database, no users and keeps
+everything in memory.
 
 Agent-facing API (mirrors the real server):
-  POST /api/heartbeat/<id>/   legacy API, body {"agent_version": "..."}
-                              200 known id (whatever the body: the real server
-                              ignores a body it cannot read), 404 JSON unknown id,
-                              301 to the slashed path if the slash is missing,
-                              405 (Allow: POST) for other methods,
-                              403 HTML "CSRF verification failed" in csrf mode.
   POST /api/agent/heartbeat/  token API, header "Authorization: Bearer <token>"
                               (the token may be padded with spaces, as the real
                               server strips it); 200 with any or no body, 401 for
-                              a missing/malformed/unknown token.
-  GET  /api/agent/ping/       token check: 200 with the server identity, or 401.
+                              a missing/malformed/unknown token. The body's
+                              agent_version is stored; a body that is not a JSON
+                              object wipes the stored version; over 50 characters
+                              is an HTTP 500; other fields are ignored.
+  GET  /api/agent/ping/       token check: 200 {"status", "server_id",
+                              "server_name", "authenticated"}, or 401.
+  POST /api/heartbeat/<id>/   legacy API. Refused by default, as the real server
+                              refuses it: 403 HTML "CSRF verification failed", or,
+                              with a csrftoken cookie and a matching X-CSRFToken
+                              header, 401 {"error": "authentication required"};
+                              nothing is recorded. With --accept-legacy (older
+                              servers): 200 for a known id (whatever the body),
+                              404 JSON for an unknown id.
+                              Either way: 301 to the slashed path if the slash is
+                              missing, 405 (Allow: POST) for other methods.
   Any other path              404 with Django's HTML "Not Found" page, like the
                               real server (a non-numeric id too).
+
+One token per server (upstream core/models.py:1117, a OneToOneField): each server holds at
+most one token, and minting a new one (POST /_receiver/servers/<id>/token, what the real
+server's `manage.py create_agent_token` does) makes the old one stop at once.
 
 Receiver-only endpoints (do not exist on the real server):
   GET    /                    HTML status page (refreshes every 5 s)
@@ -32,9 +44,14 @@ Receiver-only endpoints (do not exist on the real server):
                               /api/agent/... request answer 500 until
                               {"status": null} is PUT
   DELETE /_receiver/records   forget recorded heartbeats and requests
+  GET    /_receiver/servers   [{"id", "name", "credential": null or {"token_hash"
+                              (SHA-256 hex, as upstream stores it), "token_prefix"}}]
+  POST   /_receiver/servers/<id>/token
+                              mint or rotate the server's token: {"id", "name",
+                              "token", "rotated"}; the old token stops at once
 
 Run:  python3 receiver/stacksense_receiver.py --listen 127.0.0.1:8080 \
-          --server 1:web-01 --server 2:web-02:TOKEN
+          --server 1:web-01:TOKEN1 --server 2:web-02:TOKEN2 [--accept-legacy]
       HTTPS: add --tls-cert server.pem --tls-key server.key (PEM files; the
       certificate file may hold the chain after the server's certificate).
 Import:  make_server(servers, host="127.0.0.1", port=0, ...) -> server with
@@ -46,10 +63,13 @@ Standard library only; runs on Python 3.6+.
 import argparse
 import collections
 import datetime
+import hashlib
 import html
+import http.cookies
 import http.server
 import json
 import re
+import secrets
 import signal
 import socket
 import socketserver
@@ -62,7 +82,10 @@ from urllib.parse import parse_qs, urlsplit
 VERSION = "1.0.0"
 PROG = "stacksense-receiver"
 DEFAULT_LISTEN = "127.0.0.1:8080"
-DEFAULT_OFFLINE_AFTER = 180.0  # the real server's default, in seconds
+DEFAULT_OFFLINE_AFTER = 180.0  # upstream core/views.py:71 OFFLINE_THRESHOLD_SECONDS, in seconds
+MAX_AGENT_VERSION_CHARS = 50  # upstream core/models.py:786 CharField(max_length=50)
+CSRF_COOKIE = "csrftoken"
+TOKEN_PREFIX_CHARS = 8  # upstream AgentCredential.token_prefix: the token's first 8 characters
 MAX_BODY_BYTES = 64 * 1024
 MAX_RECORDS = 100000  # per list; the oldest records are dropped beyond this
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
@@ -90,8 +113,15 @@ ROUTES = (
           {"GET": "admin_get_fault", "PUT": "admin_put_fault"}, False, True),
     Route(re.compile(r"/_receiver/records"),
           {"DELETE": "admin_clear_records"}, False, True),
+    Route(re.compile(r"/_receiver/servers"), {"GET": "admin_list_servers"}, False, True),
+    Route(re.compile(r"/_receiver/servers/(?P<server_id>[0-9]+)/token"),
+          {"POST": "admin_mint_token"}, False, True),
     Route(re.compile(r"/"), {"GET": "html_status_page"}, False, True),
 )
+
+# upstream core/middleware.py:86 (RBACMiddleware, after the CSRF check passed): an API
+# path without a logged-in user.
+AUTHENTICATION_REQUIRED = "authentication required"
 
 # Django's page for an unknown path when DEBUG is off (the real server's answer).
 NOT_FOUND_PAGE = """<!doctype html>
@@ -101,6 +131,18 @@ NOT_FOUND_PAGE = """<!doctype html>
 </head>
 <body>
   <h1>Not Found</h1><p>The requested resource was not found on this server.</p>
+</body>
+</html>
+"""
+
+# Django's page for an unhandled error when DEBUG is off.
+SERVER_ERROR_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <title>Server Error (500)</title>
+</head>
+<body>
+  <h1>Server Error (500)</h1><p></p>
 </body>
 </html>
 """
@@ -151,11 +193,12 @@ class ConfigError(ValueError):
 class ApiError(Exception):
     """An error answer: HTTP status, message for the JSON body, extra headers."""
 
-    def __init__(self, status, message, headers=None):
+    def __init__(self, status, message, headers=None, page=None):
         Exception.__init__(self, message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.page = page  # an HTML page to answer instead of {"error": message}
 
 
 def iso_utc(timestamp):
@@ -290,6 +333,8 @@ class Store:
         self._clock = clock
         self.offline_after = offline_after
         self._servers = collections.OrderedDict((s["id"], dict(s)) for s in servers)
+        # The one token of each server lives in its entry; _tokens is only the reverse index
+        # (token -> id). validate_servers() refused a token given to two servers.
         self._tokens = dict((s["token"], s["id"]) for s in servers if s.get("token"))
         self._fault = None
         self._record = None
@@ -326,6 +371,32 @@ class Store:
         with self._lock:
             server = self._servers.get(self._tokens.get(token))
             return dict(server) if server else None
+
+    def credentials(self):
+        """Each server's id, name and credential as upstream stores it (the token's SHA-256
+        and its first characters, never the token), or None when it has no token."""
+        with self._lock:
+            return [{"id": server["id"], "name": server["name"],
+                     "credential": None if server["token"] is None else {
+                         "token_hash": hashlib.sha256(server["token"].encode()).hexdigest(),
+                         "token_prefix": server["token"][:TOKEN_PREFIX_CHARS]}}
+                    for server in self._servers.values()]
+
+    def mint_token(self, server_id):
+        """Give a server a new token, as upstream AgentCredential.generate_for_server does
+        (core/models.py: update_or_create on the server's one credential): the old token,
+        if any, stops at once. Returns (server, token, rotated) or None for an unknown id."""
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            server = self._servers.get(server_id)
+            if server is None:
+                return None
+            rotated = server["token"] is not None
+            if rotated:
+                del self._tokens[server["token"]]
+            server["token"] = token
+            self._tokens[token] = server_id
+            return dict(server), token, rotated
 
     def register(self, server_id):
         """Add server-<id> if unknown (--accept-any); return the server."""
@@ -451,7 +522,10 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
             self._body = self._read_body()
             self._respond(url, route, match)
         except ApiError as exc:
-            self._send_json(exc.status, {"error": exc.message}, exc.headers)
+            if exc.page is not None:
+                self._send(exc.status, "text/html; charset=utf-8", exc.page.encode("utf-8"))
+            else:
+                self._send_json(exc.status, {"error": exc.message}, exc.headers)
         self._log_request_line()
 
     def _respond(self, url, route, match):
@@ -460,12 +534,28 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(fault, f"Injected fault (HTTP {fault})")
         if route is None:
             return self._redirect_or_not_found(url)
-        if route.csrf and self.server.legacy_csrf and self.command in UNSAFE_METHODS:
-            return self._send(403, "text/html; charset=utf-8", CSRF_FAILURE_PAGE.encode("utf-8"))
+        if route.csrf and not self.server.accept_legacy and self.command in UNSAFE_METHODS:
+            return self._refuse_legacy()
         method = "GET" if self.command == "HEAD" else self.command
         if method not in route.methods:
             raise ApiError(405, "Method not allowed", {"Allow": ", ".join(route.methods)})
         getattr(self, route.methods[method])(**match.groupdict())
+
+    def _refuse_legacy(self):
+        """The real server's answers to a legacy POST (upstream core/urls.py:34 routes it to
+        core/views.py:293, which is neither CSRF-exempt nor public, core/permissions.py:80-90):
+        Django's CsrfViewMiddleware refuses it with its 403 page unless the csrftoken cookie
+        comes with the same token in X-CSRFToken; then RBACMiddleware answers 401 JSON
+        (core/middleware.py:86). Nothing is recorded either way."""
+        cookie = http.cookies.SimpleCookie()
+        try:
+            cookie.load(self.headers.get("Cookie", ""))
+        except http.cookies.CookieError:
+            cookie = {}
+        csrf = cookie[CSRF_COOKIE].value if CSRF_COOKIE in cookie else None
+        if csrf and self.headers.get("X-CSRFToken") == csrf:
+            raise ApiError(401, AUTHENTICATION_REQUIRED)
+        return self._send(403, "text/html; charset=utf-8", CSRF_FAILURE_PAGE.encode("utf-8"))
 
     def _redirect_or_not_found(self, url):
         """Like Django's APPEND_SLASH: 301 to path + "/" if that is a route; else its HTML 404."""
@@ -509,16 +599,21 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
 
     def _agent_version(self):
         """The body's agent_version, or None: like the real server, a heartbeat is accepted
-        whatever its body (empty, not JSON, not an object); a version that is not a string
-        is recorded as its JSON text."""
+        whatever its body, and an empty body, one that is not JSON or not an object stores
+        None, wiping the version the server had (upstream core/agent_api.py:1001-1008 then
+        _update_heartbeat, :135). A version that is not a string is recorded as its JSON
+        text; one longer than 50 characters fails the database column (core/models.py:786):
+        HTTP 500, nothing recorded."""
         try:
             data = json.loads(self._body.decode("utf-8")) if self._body else None
         except ValueError:
             return None
         version = data.get("agent_version") if isinstance(data, dict) else None
-        if version is None or isinstance(version, str):
-            return version
-        return json.dumps(version)
+        if version is not None and not isinstance(version, str):
+            version = json.dumps(version)
+        if version is not None and len(version) > MAX_AGENT_VERSION_CHARS:
+            raise ApiError(500, "Server Error (500)", page=SERVER_ERROR_PAGE)
+        return version
 
     def _token_server(self):
         """The server of the request's token, or the real server's 401 answers."""
@@ -545,7 +640,7 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
         store, server_id = self.server.store, int(server_id)
         server = store.server_by_id(server_id)
         if server is None and not (self.server.accept_any and server_id >= 1):
-            raise ApiError(404, "Server not found")
+            raise ApiError(404, "Server not found")  # upstream core/views.py:301
         version = self._agent_version()
         server = server or store.register(server_id)
         record = store.add_heartbeat(server["id"], version, self.client_address[0], "legacy")
@@ -554,12 +649,14 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
                               "timestamp": record["time"]})
 
     def api_token_heartbeat(self):
+        """upstream core/agent_api.py:993-1012: reads only agent_version."""
         server = self._token_server()
         version = self._agent_version()
         self.server.store.add_heartbeat(server["id"], version, self.client_address[0], "token")
         self._send_json(200, {"status": "ok", "heartbeat_received": True})
 
     def api_token_ping(self):
+        """upstream core/agent_api.py:976-990."""
         server = self._token_server()
         self._send_json(200, {"status": "ok", "server_id": server["id"],
                               "server_name": server["name"], "authenticated": True})
@@ -591,6 +688,17 @@ class ReceiverHandler(http.server.BaseHTTPRequestHandler):
     def admin_clear_records(self):
         self.server.store.clear()
         self._send_json(200, {"status": "ok"})
+
+    def admin_list_servers(self):
+        self._send_json(200, self.server.store.credentials())
+
+    def admin_mint_token(self, server_id):
+        minted = self.server.store.mint_token(int(server_id))
+        if minted is None:
+            raise ApiError(404, f"No server with id {server_id}")
+        server, token, rotated = minted
+        self._send_json(200, {"id": server["id"], "name": server["name"], "token": token,
+                              "rotated": rotated})
 
     def html_status_page(self):
         page = render_status_page(self.server.store.status())
@@ -645,12 +753,12 @@ class ReceiverServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, store, legacy_csrf=False, accept_any=False, log=None,
+    def __init__(self, address, store, accept_legacy=False, accept_any=False, log=None,
                  tls_context=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
-        self.legacy_csrf = legacy_csrf
+        self.accept_legacy = accept_legacy
         self.accept_any = accept_any
         self.tls_context = tls_context
         self._log_stream = log
@@ -707,7 +815,7 @@ class ReceiverServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 def make_server(servers, host="127.0.0.1", port=0, offline_after=DEFAULT_OFFLINE_AFTER,
-                legacy_csrf=False, accept_any=False, clock=time.time, record=None, log=None,
+                accept_legacy=False, accept_any=False, clock=time.time, record=None, log=None,
                 tls_cert=None, tls_key=None):
     """Build a bound (not yet serving) receiver.
 
@@ -715,15 +823,20 @@ def make_server(servers, host="127.0.0.1", port=0, offline_after=DEFAULT_OFFLINE
     record: optional file path; every accepted heartbeat is appended as a JSON line.
     log: optional text stream for one line per request (None = silent).
     tls_cert, tls_key: PEM files; both given: HTTPS (its .url says https://).
+    accept_legacy: accept POST /api/heartbeat/<id>/ as older servers did (the real server
+    refuses it); accept_any (auto-register unknown ids there) needs it.
     Raises ConfigError (a ValueError) for bad servers/options, OSError if it cannot bind.
     """
     if not offline_after > 0:
         raise ConfigError("offline_after must be a positive number of seconds")
+    if accept_any and not accept_legacy:
+        raise ConfigError("--accept-any registers ids on the legacy API: it needs "
+                          "--accept-legacy too")
     tls_context = make_tls_context(tls_cert, tls_key)
     store = Store(validate_servers(servers), clock=clock, offline_after=offline_after,
                   record_path=record)
     try:
-        return ReceiverServer((host, port), store, legacy_csrf=legacy_csrf,
+        return ReceiverServer((host, port), store, accept_legacy=accept_legacy,
                               accept_any=accept_any, log=log, tls_context=tls_context)
     except BaseException:
         store.close()
@@ -762,10 +875,12 @@ def build_parser():
     parser.add_argument("--server", action="append", default=[], metavar="ID:NAME[:TOKEN]",
                         help="add a server (repeatable)")
     parser.add_argument("--accept-any", action="store_true",
-                        help="auto-register unknown numeric ids on the legacy API as server-<id>")
-    parser.add_argument("--legacy-csrf", action="store_true",
-                        help="answer legacy heartbeats with the real server's 403 "
-                             "'CSRF verification failed' page")
+                        help="auto-register unknown numeric ids on the legacy API as server-<id> "
+                             "(with --accept-legacy)")
+    parser.add_argument("--accept-legacy", action="store_true",
+                        help="accept legacy heartbeats (POST /api/heartbeat/<id>/) as older "
+                             "servers did; by default they are refused like the real server "
+                             "refuses them (403 CSRF page)")
     parser.add_argument("--offline-after", type=positive_float, default=DEFAULT_OFFLINE_AFTER,
                         metavar="SECONDS", help="offline after this long without a heartbeat "
                                                 "(default %(default).0f)")
@@ -804,7 +919,7 @@ def main(argv=None):
     try:
         host, port = parse_listen(args.listen)
         server = make_server(collect_servers(args), host=host, port=port,
-                             offline_after=args.offline_after, legacy_csrf=args.legacy_csrf,
+                             offline_after=args.offline_after, accept_legacy=args.accept_legacy,
                              accept_any=args.accept_any, record=args.record, log=sys.stdout,
                              tls_cert=args.tls_cert, tls_key=args.tls_key)
     except ConfigError as exc:

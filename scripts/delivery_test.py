@@ -63,7 +63,7 @@ EE_REPO = "localhost/stacksense-ee"
 EE_DEFINITION = ROOT / "execution-environment-test.yml"
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SSH_USER = "deployer"
-PROJECT_PARTS = ["ansible.cfg", "agent", "roles", "playbooks"]
+PROJECT_PARTS = ["ansible.cfg", "agent", "roles", "playbooks", "plugins", "galaxy.yml"]
 os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "molecule" / "containers.conf"))
 
 
@@ -98,7 +98,8 @@ class Receiver:
         self.logfile = open(Path(workdir) / f"receiver-{port}.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
-             "--listen", f"0.0.0.0:{port}", "--servers", str(servers_file)],
+             "--listen", f"0.0.0.0:{port}", "--servers", str(servers_file),
+             "--accept-legacy"],  # its hosts use the legacy API (no token)
             stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True)
         for _ in range(50):
             try:
@@ -176,7 +177,7 @@ def collection_test():
         log(f"{artifact.name}: {artifact.stat().st_size // 1024} KiB, {len(listing)} entries")
         collections = work / "collections"
         # --force: without it ansible-galaxy installs nothing when the same version is in a
-        # configured path already (Molecule puts this collection in ~/.ansible/collections).
+        # configured path already (e.g. the user's ~/.ansible/collections).
         run([VENV_BIN / "ansible-galaxy", "collection", "install", "--force", "-p", collections,
              artifact], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         installed = collections / "ansible_collections" / galaxy["namespace"] / galaxy["name"]
@@ -352,6 +353,10 @@ def private_data_dir(work, hosts, key):
     for part in PROJECT_PARTS:
         src = ROOT / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, pdd / "project" / part)
+    # The project as the collection stacksense.fleet, as `make venv` links a clone.
+    link = pdd / "project" / ".collections" / "ansible_collections" / "stacksense" / "fleet"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../../..")
     inventory = {"stacksense_agents": {"hosts": list(hosts)},
                  "_meta": {"hostvars": {h: {"ansible_host": v["address"],
                                             "stacksense_server_id": v["id"]}

@@ -208,7 +208,7 @@ ensure_containers() {
 
 receiver_command() { # sets RECEIVER_CMD
   RECEIVER_CMD=("$RECEIVER_PYTHON" "$RECEIVER" --listen "0.0.0.0:$PORT" --servers "$DEMO_DIR/servers.json"
-    --offline-after "$OFFLINE_AFTER")
+    --offline-after "$OFFLINE_AFTER" --accept-legacy)
 }
 
 # The receiver's pid if the pid file names a live demo receiver, else nothing.

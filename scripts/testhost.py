@@ -2,8 +2,8 @@
 """Start, reach and remove podman test hosts: Debian containers that boot systemd as PID 1.
 
 The one way this repository makes a test host. molecule/shared/create.yml, scripts/demo.sh,
-bench/deploy_scale.py and the collection and EE tests (scripts/collection_test.sh,
-scripts/ee_test.py) all call it, as a command or as a Python module:
+bench/deploy_scale.py and the collection and EE tests (scripts/delivery_test.py) all call it,
+as a command or as a Python module:
 
     scripts/testhost.py start NAME --image IMAGE [options]   start one host (and wait for it)
     scripts/testhost.py wait NAME...                         wait until they have booted

@@ -1,5 +1,6 @@
 """Shared fixtures: a scripted HTTP server on loopback, a fake clock, and the agent module."""
 
+import contextlib
 import http.server
 import importlib.util
 import json
@@ -15,6 +16,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_PATH = ROOT / "agent" / "heartbeat_agent.py"
+
+
+COLLECTIONS_DIR = ROOT / ".collections"
+COLLECTION_LINK = COLLECTIONS_DIR / "ansible_collections" / "stacksense" / "fleet"
+
+
+def collections_path():
+    """ANSIBLE_COLLECTIONS_PATH for the clone as stacksense.fleet (the link make venv makes)."""
+    COLLECTION_LINK.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        COLLECTION_LINK.symlink_to("../../..")
+    return str(COLLECTIONS_DIR)
+
+
+def load_filters(name):
+    """The filters of plugins/filter/NAME.py, by name, loaded as a plain module."""
+    path = ROOT / "plugins" / "filter" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stacksense_filter_{name}", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FilterModule().filters()
 
 
 def load_agent_module():

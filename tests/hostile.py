@@ -16,6 +16,7 @@ import ssl
 import struct
 import threading
 import time
+import urllib.parse
 
 GOOD_ANSWER = {"status": "ok", "server_id": 42, "server_name": "web-01",
                "heartbeat_received": True, "authenticated": True}
@@ -88,6 +89,43 @@ def big_body(megabytes):
     return behave
 
 
+def echo(server, status=500):
+    """Answer `status` with the request echoed: head and body as sent, percent-encoded, and
+    base64-encoded, as some proxies and error pages do (secrets in every form)."""
+
+    def behave(conn, stop):
+        head, body = server.requests[-1]
+        text = head + "\r\n\r\n" + body.decode("latin-1")
+        echoed = text + "\n" + urllib.parse.quote(text, safe="") + "\n" + \
+            base64.b64encode(text.encode("latin-1")).decode()
+        conn.sendall(response(status, echoed, headers=[("Content-Type", "text/plain")]))
+
+    return behave
+
+
+def interim_then(final, *interim_statuses):
+    """Interim 1xx answers (103 Early Hints, 102 Processing) before the final answer."""
+    heads = b"".join(f"HTTP/1.1 {status} Interim\r\nLink: </style.css>; rel=preload\r\n"
+                     "\r\n".encode() for status in interim_statuses)
+    return lambda conn, stop: conn.sendall(heads + final)
+
+
+def header_flood(lines, line_bytes, status=200):
+    """A head of `lines` header lines of `line_bytes` each, then a good answer."""
+    filler = ("X-Flood: " + "a" * max(0, line_bytes - 11) + "\r\n").encode()
+
+    def behave(conn, stop):
+        body = json.dumps(GOOD_ANSWER).encode()
+        conn.sendall(f"HTTP/1.1 {status} OK\r\nContent-Length: {len(body)}\r\n".encode())
+        for _ in range(lines):
+            if stop.is_set():
+                return
+            conn.sendall(filler)
+        conn.sendall(b"\r\n" + body)
+
+    return behave
+
+
 def silence(conn, stop):
     stop.wait(30)
 
@@ -99,7 +137,7 @@ def reset(conn, stop):
 class HostileServer:
     """A TCP (or TLS) server on 127.0.0.1:0 whose connections follow a script of behaviours."""
 
-    def __init__(self, tls_context=None):
+    def __init__(self, tls_context=None, host="127.0.0.1"):
         self.tls_context = tls_context
         self.script = []
         self.requests = []
@@ -108,11 +146,11 @@ class HostileServer:
         self.stop = threading.Event()
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((host, 0))
         self.listener.listen(32)
         self.listener.settimeout(0.05)
         self.port = self.listener.getsockname()[1]
-        self.url = ("https" if tls_context else "http") + f"://127.0.0.1:{self.port}"
+        self.url = ("https" if tls_context else "http") + f"://{host}:{self.port}"
         self.threads = []
         self.acceptor = threading.Thread(target=self.accept_loop, daemon=True)
         self.acceptor.start()
@@ -175,6 +213,27 @@ def read_request(conn):
             break
         body += chunk
     return head.decode("latin-1"), body
+
+
+class DeadAddress:
+    """An address:port that drops connection attempts, as a broken route does: a listener
+    whose accept queue is full (Linux then drops new SYNs, and a connect hangs)."""
+
+    def __init__(self, host, port):
+        self.listener = socket.socket()
+        self.listener.bind((host, port))
+        self.listener.listen(0)
+        self.fillers = []
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex((host, port))
+            self.fillers.append(filler)
+        time.sleep(0.05)
+
+    def close(self):
+        for sock in [*self.fillers, self.listener]:
+            sock.close()
 
 
 class ConnectProxy:

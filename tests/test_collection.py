@@ -115,3 +115,44 @@ def test_the_claimed_oldest_ansible_core_is_the_one_the_tests_run():
     role_meta = yaml.safe_load(
         (ROOT / "roles" / "stacksense_agent" / "meta" / "main.yml").read_text())
     assert role_meta["galaxy_info"]["min_ansible_version"] == tested
+
+
+def test_the_home_check_names_what_appeared_and_ignores_ansibles_own_temporary_dirs(tmp_path):
+    home_check = load_script("home_check")
+    ansible = tmp_path / ".ansible"
+    (ansible / "tmp" / "ansible-local-123abc").mkdir(parents=True)
+    before = home_check.entries(ansible)
+    assert before == {"tmp"}
+    (ansible / "tmp" / "ansible-local-123abc" / "x").write_text("")
+    (ansible / "collections" / "ansible_collections" / "stacksense").mkdir(parents=True)
+    after = home_check.entries(ansible)
+    assert home_check.differences(before, after) == [
+        "new: ~/.ansible/collections", "new: ~/.ansible/collections/ansible_collections",
+        "new: ~/.ansible/collections/ansible_collections/stacksense"]
+    snapshot = tmp_path / "before.txt"
+    assert home_check.main(["snapshot", str(snapshot)], {"HOME": str(tmp_path)}) == 0
+    assert home_check.main(["compare", str(snapshot)], {"HOME": str(tmp_path)}) == 0
+    (ansible / "roles").mkdir()
+    assert home_check.main(["compare", str(snapshot)], {"HOME": str(tmp_path)}) == 1
+
+
+def test_a_clone_runs_the_collections_own_plugins_and_the_artifact_carries_them():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "ansible.cfg")
+    paths = cfg["defaults"]["collections_path"].split(":")
+    assert paths[0] == ".collections" and "~/.ansible/collections" in paths, paths
+    ignored = set(galaxy()["build_ignore"])
+    assert ".collections" in ignored and "plugins" not in ignored
+    assert (ROOT / "plugins" / "filter").is_dir()
+
+
+def test_every_scenario_finds_the_clone_as_the_collection_and_installs_nothing_in_home():
+    for config in sorted(ROOT.glob("molecule/*/molecule.yml")):
+        scenario = yaml.safe_load(config.read_text())
+        assert scenario.get("prerun") is False, f"{config}: Molecule would install into ~/.ansible"
+        defaults = scenario.get("ansible", {}).get("cfg", {}).get("defaults", {})
+        if "roles_path" in defaults:  # a scenario that runs the role
+            first = defaults.get("collections_path", "").split(":")[0]
+            assert first == "${MOLECULE_PROJECT_DIRECTORY}/.collections", config

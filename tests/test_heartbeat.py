@@ -85,19 +85,33 @@ def test_a_stalled_server_costs_at_most_four_timeouts(server, make_agent, agent_
     assert "no answer within 0.1 s" in result.error
 
 
-@pytest.mark.parametrize(("status", "hint"), [
-    (404, "check STACKSENSE_SERVER_ID"),
-    (401, "check STACKSENSE_API_TOKEN"),
-    (403, "configure an API token"),
-    (400, "refused the heartbeat"),
+# What the real StackSense server answers to the legacy API (docs: /work/shared/REAL_SERVER.md):
+# 403 with Django's CSRF page, or 401 JSON when a CSRF cookie came along.
+CSRF_PAGE = ("<!DOCTYPE html><html lang=\"en\"><head><title>403 Forbidden</title></head><body>"
+             "<h1>Forbidden (403)</h1><p>CSRF verification failed. Request aborted.</p>"
+             "</body></html>")
+LEGACY_REFUSED = "refuses the legacy API"
+
+
+@pytest.mark.parametrize(("status", "body", "token", "hint"), [
+    (404, {"detail": "Not found."}, None, "check STACKSENSE_SERVER_ID"),
+    (404, {"detail": "Not found."}, "tok", "check STACKSENSE_API_URL"),
+    (401, {"error": "authentication required"}, None, LEGACY_REFUSED),
+    (403, CSRF_PAGE, None, LEGACY_REFUSED),
+    (401, {"error": "invalid token"}, "tok", "rejected the API token"),
+    (400, {"error": "nope"}, None, "refused the heartbeat"),
 ])
 def test_it_does_not_retry_a_client_error_and_says_what_to_check(
-        server, make_agent, status, hint):
-    server.then(Reply(status, {"error": "nope"}))
-    result = make_agent(server.url).beat_once()
+        server, make_agent, status, body, token, hint):
+    if token:
+        server.then(Reply(200, {"authenticated": True, "server_id": 42}))  # the token ping
+    server.then(Reply(status, body))
+    result = make_agent(server.url, api_token=token).beat_once()
     assert not result.ok and result.attempts == 1
-    assert len(server.requests) == 1
+    assert len(server.requests) == 1 + bool(token)
     assert f"HTTP {status}" in result.error and hint in result.error
+    if hint == LEGACY_REFUSED:
+        assert "one per server" in result.error and "STACKSENSE_API_TOKEN" in result.error
 
 
 def test_it_never_follows_a_redirect_into_a_get(server, make_agent):
@@ -156,7 +170,7 @@ def test_it_recovers_when_a_refused_connection_starts_answering(make_agent, cloc
 
 def test_repeated_failures_are_summarised_not_logged_every_beat(server, make_agent, clock, caplog):
     agent = make_agent(server.url)
-    server.then(*[Reply(404, {"error": "Server not found"}) for _ in range(30)])
+    server.then(*[Reply(404, {"detail": "Not found."}) for _ in range(30)])
     with caplog.at_level(logging.INFO, logger="stacksense-heartbeat"):
         for _ in range(30):  # 15 minutes of failing beats
             agent.beat_once()

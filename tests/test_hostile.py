@@ -6,26 +6,36 @@ healthy answer succeeds. Fake clock for the schedule; real (short) deadlines whe
 deadline itself is under test.
 """
 
+import base64
 import logging
 import os
 import signal
+import stat
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
+import urllib.parse
 
 import pytest
-from conftest import Reply, run_agent_process
+from conftest import AGENT_PATH, Reply, ok_reply, run_agent_process
 from hostile import (
     GOOD_ANSWER,
     ConnectProxy,
+    DeadAddress,
     HostileServer,
     NotifyRecorder,
     answer,
     big_body,
+    echo,
     endless_body,
     endless_headers,
+    header_flood,
+    interim_then,
     make_ca,
     reset,
+    response,
     send_raw,
     silence,
     trickle,
@@ -366,8 +376,10 @@ def run_once_through(proxy_url, url, ca_bundle, no_proxy=""):
     return process.returncode, out, err
 
 
-def test_it_logs_the_proxy_it_uses_without_its_password(tls_server, tls, proxy):
-    status, out, err = run_once_through(proxy.url(), tls_server.url, tls[0])
+@pytest.mark.parametrize("scheme", ["http://", ""])
+def test_it_logs_the_proxy_it_uses_without_its_password(tls_server, tls, proxy, scheme):
+    url = proxy.url()[len("http://"):] if not scheme else proxy.url()
+    status, out, err = run_once_through(url, tls_server.url, tls[0])
     assert status == 0, err
     assert f"using the proxy http://<redacted>@127.0.0.1:{proxy.port}" in err
     assert "s3cret-proxy-pw" not in out + err
@@ -450,3 +462,213 @@ def test_a_stuck_exchange_stops_the_watchdog_pings_at_its_deadline(agent_module)
     assert guard.expired
     assert pings and max(pings) - started < 0.3
     assert len(pings) >= 4
+
+
+# -- nothing kept between beats, no secret in any output, bounded heads, every address
+
+
+def test_cookies_a_server_sets_are_never_sent_back_and_beats_keep_being_accepted(
+        server, make_agent):
+    for number in range(30):
+        reply = ok_reply()
+        reply.headers = {"Set-Cookie": f"lb{number}={'x' * 3000}; Path=/; Max-Age=86400"}
+        server.then(reply)
+    agent = make_agent(server.url)
+    assert all(agent.beat_once().ok for _ in range(30))
+    assert [r["headers"].get("Cookie") for r in server.requests] == [None] * 30
+    assert len(agent.session.cookies) == 0
+
+
+def test_a_netrc_default_entry_never_replaces_the_token(server, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text("default login someone password other-system-secret\n")
+    (home / ".netrc").chmod(0o600)
+    server.then(Reply(200, {"authenticated": True, "server_id": 42}))
+    env = {"STACKSENSE_API_URL": server.url, "STACKSENSE_API_TOKEN": "tok-123"}
+    process = run_agent_process(["--once"], env=env, home=str(home))
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, out + err
+    assert [r["headers"].get("Authorization") for r in server.requests] == ["Bearer tok-123"] * 2
+
+
+SECRET_TOKEN = "Secret-tok+en/0123456789abcdef=="
+PROXY_PASSWORD = "pa@ss:w%rd"  # written percent-encoded in the proxy URL
+
+
+def secret_forms():
+    credentials = "agent:" + PROXY_PASSWORD
+    forms = [SECRET_TOKEN, PROXY_PASSWORD, credentials, base64.b64encode(credentials.encode())]
+    forms = [f if isinstance(f, str) else f.decode() for f in forms]
+    forms += [urllib.parse.quote(form, safe="") for form in forms]
+    forms += [base64.b64encode(SECRET_TOKEN.encode()).decode(), "Secret-tok"]
+    return forms
+
+
+def assert_no_secret(*texts):
+    for text in texts:
+        for form in secret_forms():
+            assert form not in text, f"{form!r} leaked: {text[:2000]!r}"
+
+
+@pytest.mark.parametrize("through_proxy", [False, True], ids=["server echoes", "proxy echoes"])
+def test_a_peer_echoing_the_request_never_gets_a_secret_into_logs_state_or_terminal(
+        hostile, tmp_path, through_proxy):
+    hostile.then(*[echo(hostile, 500) for _ in range(6)], echo(hostile, 400))
+    env = {"STACKSENSE_API_TOKEN": SECRET_TOKEN, "STACKSENSE_INTERVAL": "1",
+           "STACKSENSE_TIMEOUT": "0.5", "STACKSENSE_LOG_LEVEL": "debug",
+           "STACKSENSE_STATE_FILE": str(tmp_path / "state.json"),
+           "STACKSENSE_API_URL": hostile.url}
+    if through_proxy:  # the "proxy" is the echoing peer; the server's name is never resolved
+        quoted = urllib.parse.quote(PROXY_PASSWORD, safe="")
+        env.update(HTTP_PROXY=f"agent:{quoted}@127.0.0.1:{hostile.port}",
+                   STACKSENSE_API_URL="http://stacksense.invalid:8000")
+    process = run_agent_process(env=env)
+    deadline = time.monotonic() + 20
+    while len(hostile.requests) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=10)
+    assert len(hostile.requests) >= 7
+    assert "HTTP 500" in err and "HTTP 400" in err and "<redacted>" in err
+    hostile.then(echo(hostile, 400))
+    once = run_agent_process(["--once"], env=env)
+    once_out, once_err = once.communicate(timeout=20)
+    assert once.returncode == 1 and "HTTP 400" in once_out
+    state = (tmp_path / "state.json").read_text()
+    assert "HTTP 400" in state
+    assert_no_secret(out, err, state, once_out, once_err)
+    assert stat.S_IMODE(os.stat(tmp_path / "state.json").st_mode) == 0o600
+
+
+def test_the_state_file_only_ever_replaces_a_regular_file(
+        server, make_agent, tmp_path, caplog):
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null, as root
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    for path in (device, fifo, link):
+        agent = make_agent(server.url, state_file=str(path))
+        with caplog.at_level(logging.WARNING, logger="stacksense-heartbeat"):
+            assert agent.beat_once().ok and agent.beat_once().ok
+    assert stat.S_ISCHR(os.lstat(device).st_mode) and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert os.path.islink(link) and not (tmp_path / "elsewhere.json").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3 and all("not a regular file" in w for w in warnings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "null"]
+
+
+@pytest.mark.parametrize("interim", [(103,), (102, 103, 103)], ids=["103", "102 103 103"])
+def test_interim_answers_before_the_final_one_are_skipped(hostile, make_agent, interim):
+    hostile.then(interim_then(response(200, GOOD_ANSWER), *interim))
+    result = make_agent(hostile.url).beat_once()
+    assert result.ok and result.attempts == 1 and len(hostile.requests) == 1
+
+
+@pytest.mark.parametrize(("lines", "line_bytes"), [(100, 60000), (20000, 40), (1, 70000)],
+                         ids=["100 lines of 60 KB", "20000 short lines", "one 70 KB line"])
+def test_a_header_flood_fails_the_attempt_with_memory_bounded(
+        hostile, make_agent, lines, line_bytes):
+    hostile.then(*[header_flood(lines, line_bytes)] * 4)
+    agent = make_agent(hostile.url, timeout=5.0)
+    tracemalloc.start()
+    try:
+        result, elapsed = timed_beat(agent)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not result.ok
+    assert "larger than 64 KiB" in result.error or "more than 100 headers" in result.error
+    assert peak < 1 << 20, f"peak Python allocations {peak} bytes"
+    assert elapsed < 4 * (5.0 + SLACK_S)
+    hostile.script.clear()
+    assert agent.beat_once().ok
+
+
+def test_a_head_of_normal_size_with_many_cookies_is_accepted(hostile, make_agent):
+    cookies = [("Set-Cookie", f"c{n}={'v' * 200}") for n in range(40)]  # 8 KB of head
+    hostile.then(answer(headers=cookies))
+    assert make_agent(hostile.url).beat_once().ok
+
+
+def test_failures_whose_text_changes_every_time_are_summarised_by_kind(
+        server, make_agent, clock, caplog):
+    agent = make_agent(server.url)
+    agent.memory.calm_beats = 0  # already failing: one request per beat
+    server.then(*[Reply(503, {"error": "busy", "request_id": f"req-{n:06d}"})
+                  for n in range(30)])
+    with caplog.at_level(logging.INFO, logger="stacksense-heartbeat"):
+        for _ in range(30):  # 15 minutes of failing beats
+            agent.beat_once()
+            clock.now += 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[1].startswith("heartbeat failing for 10m00s (21 beats): HTTP 503")
+
+
+def test_agent_version_fits_the_servers_50_characters(agent_module):
+    assert len(agent_module.AGENT_VERSION) <= agent_module.MAX_AGENT_VERSION_CHARS == 50
+
+
+# -- a name with several addresses, the first ones dropping packets (a private /etc/hosts)
+
+DEAD_ADDRESSES = [f"127.0.0.{n}" for n in range(2, 8)]
+LIVE_ADDRESS = "127.0.0.8"
+
+
+@pytest.fixture
+def many_addresses(tmp_path):
+    """(URL by name, live server): the name resolves to six dead addresses, then a live one."""
+    live = HostileServer(host=LIVE_ADDRESS)
+    dead = [DeadAddress(address, live.port) for address in DEAD_ADDRESSES]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"{a} multi.stacksense.test\n" for a in [*DEAD_ADDRESSES,
+                                                                        LIVE_ADDRESS]))
+    yield f"http://multi.stacksense.test:{live.port}", live, hosts
+    for address in dead:
+        address.close()
+    live.close()
+
+
+def run_in_private_hosts(hosts, code_or_args, env, **kwargs):
+    """Run the agent (or python code) with `hosts` as /etc/hosts, in a mount namespace."""
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    return subprocess.Popen(["unshare", "--mount", "sh", "-c", script, str(hosts),
+                             sys.executable, *code_or_args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_the_private_hosts_file_gives_the_dead_addresses_first(many_addresses):
+    hosts = many_addresses[2]
+    code = ("import socket; print([a[4][0] for a in socket.getaddrinfo("
+            "'multi.stacksense.test', 80, 0, socket.SOCK_STREAM)])")
+    out, err = run_in_private_hosts(hosts, ["-c", code], dict(os.environ)).communicate(
+        timeout=20)
+    assert out.strip() == str([*DEAD_ADDRESSES, LIVE_ADDRESS]), err
+
+
+def test_a_name_whose_first_addresses_drop_packets_is_reached_within_one_timeout(
+        many_addresses, tmp_path):
+    url, live, hosts = many_addresses
+    recorder = NotifyRecorder(tmp_path / "notify.sock")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACKSENSE_")}
+    env.update(STACKSENSE_API_URL=url, STACKSENSE_SERVER_ID="42", STACKSENSE_INTERVAL="3",
+               STACKSENSE_TIMEOUT="2", NOTIFY_SOCKET=recorder.path, WATCHDOG_USEC="1000000",
+               STACKSENSE_LOG_LEVEL="debug", HOME="/nonexistent")
+    process = run_in_private_hosts(hosts, [str(AGENT_PATH)], env)
+    try:
+        deadline = time.monotonic() + 20
+        while len(live.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=10)
+        recorder.close()
+    assert len(live.requests) >= 2, err
+    # each beat's first attempt got through, within its 2 s deadline
+    assert "heartbeat failed" not in err and "retrying" not in err, err
+    pings = recorder.pings()
+    gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
+    assert len(pings) >= 5 and max(gaps) < 1.0, gaps  # WatchdogSec 1 s: never starved

@@ -259,3 +259,36 @@ def test_the_simulation_sends_what_the_agent_of_52a0453_sent(
                                         until=real[-1] + 0.001)
     assert len(real) >= 30
     assert simulated == real
+
+
+def load_drill_bounds():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "molecule" / "resilience" / "files" / \
+        "drill_bounds.py"
+    spec = importlib.util.spec_from_file_location("drill_bounds", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def drill(fault_s, refused_s=20.0):
+    def at(seconds):
+        minutes, rest = divmod(seconds, 60)
+        return f"2026-12-06T04:{int(minutes):02d}:{rest:06.3f}+00:00"
+    return {"down_before": at(0), "down_after": at(0.5),
+            "fault_on": {"before": at(30), "after": at(30.1)},
+            "fault_off": {"before": at(30.1 + fault_s), "after": at(30.2 + fault_s)},
+            "probes": {"h": {"refused": {"at": at(0.5 + refused_s)}}}}
+
+
+@pytest.mark.parametrize("ok_before_fault", [0, 1])
+def test_the_resilience_drill_allows_what_the_policy_allows(agent_module, ok_before_fault):
+    bounds = load_drill_bounds().bounds(agent_module, drill(22.6), "h", 4.0, 0.1, "",
+                                        ok_before_fault)
+    low, high = bounds["fault_requests"]
+    # The fresh-clone failure: a heartbeat accepted just before the fault stretched the next
+    # beat (congested), and the agent sent 3 requests in 22.6 s, as its policy allows.
+    assert low <= (3 if ok_before_fault else 5) <= high
+    assert bounds["timeout_s"] == 2.0 and bounds["recovery_s"] == 7.0
+    assert 1 <= bounds["refused_beats"][0] <= bounds["refused_beats"][1]

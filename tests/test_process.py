@@ -4,11 +4,13 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from conftest import Reply, run_agent_process
+from conftest import AGENT_PATH, Reply, run_agent_process
 
 TOKEN = "tok-5f1b9c-never-print-me"
 
@@ -109,11 +111,11 @@ def test_the_state_file_records_success_then_failure(server, make_agent, tmp_pat
     assert state["last_success_at"] == state["last_attempt_at"]
     assert state["last_error"] is None and state["consecutive_failures"] == 0
     assert state["started_at"] and state["mode"] == "legacy"
-    server.then(Reply(404, {"error": "Server not found"}))
+    server.then(Reply(404, {"detail": "Not found."}))
     agent.beat_once()
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["consecutive_failures"] == 1 and state["last_status"] == 404
-    assert "check STACKSENSE_SERVER_ID" in state["last_error"]
+    assert "check STACKSENSE_SERVER_ID" in state["last_error"]  # legacy mode
     assert state["last_success_at"] is not None
     assert list(tmp_path.iterdir()) == [tmp_path / "state.json"]  # no temp files left
 
@@ -128,7 +130,7 @@ def test_an_unwritable_state_file_is_reported_once_and_heartbeats_go_on(
 
 
 def test_under_journald_lines_carry_a_priority_and_no_timestamp(server):
-    server.then(Reply(404, {"error": "Server not found"}))
+    server.then(Reply(404, {"detail": "Not found."}))
     process = run_agent_process(env=agent_env(server.url, JOURNAL_STREAM="8:1234"))
     assert wait_for(lambda: len(server.requests) >= 1)
     time.sleep(0.2)
@@ -172,7 +174,7 @@ def test_once_prints_the_answer_and_exits_0_or_1(server):
     ok = run_agent_process(["--once"], env=agent_env(server.url))
     out, _ = ok.communicate(timeout=10)
     assert ok.returncode == 0 and '"server_name": "web-01"' in out
-    server.then(Reply(404, {"error": "Server not found"}))
+    server.then(Reply(404, {"detail": "Not found."}))
     failed = run_agent_process(["--once"], env=agent_env(server.url))
     out, _ = failed.communicate(timeout=10)
     assert failed.returncode == 1 and "HTTP 404" in out
@@ -201,3 +203,44 @@ def test_a_crashed_loop_exits_70_so_systemd_restarts_it(agent_module, make_agent
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def sighup_caught(pid):
+    """Whether the process has a handler for SIGHUP (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            caught = next(line for line in status if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_the_sighup_handler_comes_before_any_slow_import():
+    source = AGENT_PATH.read_text()
+    body = source[source.index('"""\n', 10) + 4:]  # after the module docstring
+    handler = body.index("signal.signal(signal.SIGHUP")
+    assert all(line.startswith(("import signal", "import threading", "#", "HANGUP", "if "))
+               or not line.strip() for line in body[:handler].splitlines()), body[:handler]
+
+
+def test_sighups_from_the_first_moment_never_end_the_agent(server):
+    process = run_agent_process(env=agent_env(server.url, STACKSENSE_INTERVAL="1"))
+    assert wait_for(lambda: sighup_caught(process.pid), 10)
+    for _ in range(40):  # through the imports, the config and the first beat
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    assert wait_for(lambda: len(server.requests) >= 2, 10)
+    assert process.poll() is None
+    _, _, err = stop_and_time(process)
+    assert process.returncode == 0, err
+    assert "SIGHUP received: nothing to reload" in err
+
+
+@pytest.mark.parametrize("closed", ["2>&-", "2>&- 1>&-"])
+def test_a_config_error_exits_78_even_with_stderr_closed(closed):
+    command = f'exec "$0" "$1" {closed}'
+    process = subprocess.run(["sh", "-c", command, sys.executable, str(AGENT_PATH)],
+                             env={"PATH": os.environ["PATH"], "HOME": "/nonexistent",
+                                  "STACKSENSE_API_URL": "not a url"},
+                             stdin=subprocess.DEVNULL, timeout=30, check=False)
+    assert process.returncode == 78

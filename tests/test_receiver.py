@@ -6,6 +6,7 @@ HTTPS tests use a throwaway CA and server certificate made for the session.
 """
 
 import datetime
+import hashlib
 import importlib.util
 import io
 import ipaddress
@@ -83,6 +84,12 @@ def start_receiver(clock):
 @pytest.fixture
 def receiver(start_receiver):
     return start_receiver()
+
+
+@pytest.fixture
+def legacy_receiver(start_receiver):
+    """A receiver that accepts the legacy API, as older servers did (--accept-legacy)."""
+    return start_receiver(accept_legacy=True)
 
 
 @pytest.fixture
@@ -167,28 +174,28 @@ def pki(tmp_path_factory):
 # ---------------------------------------------------------------- legacy API
 
 
-def test_it_accepts_a_legacy_heartbeat_for_a_known_server_id(http, receiver):
-    response = legacy_heartbeat(http, receiver, 1)
+def test_it_accepts_a_legacy_heartbeat_for_a_known_server_id(http, legacy_receiver):
+    response = legacy_heartbeat(http, legacy_receiver, 1)
 
     assert response.status_code == 200
     body = response.json()
     assert body == {"status": "ok", "server_id": 1, "server_name": "web-01",
                     "heartbeat_received": True, "timestamp": "2023-11-14T22:13:20.000+00:00"}
-    assert receiver.store.heartbeats() == [
+    assert legacy_receiver.store.heartbeats() == [
         {"server_id": 1, "agent_version": "1.0.0", "source": "127.0.0.1",
          "time": "2023-11-14T22:13:20.000+00:00", "api": "legacy"}]
 
 
-def test_it_answers_404_for_an_unknown_server_id(http, receiver):
-    response = legacy_heartbeat(http, receiver, 99)
+def test_it_answers_404_for_an_unknown_server_id(http, legacy_receiver):
+    response = legacy_heartbeat(http, legacy_receiver, 99)
 
     assert response.status_code == 404
     assert response.json() == {"error": "Server not found"}
-    assert receiver.store.heartbeats() == []
+    assert legacy_receiver.store.heartbeats() == []
 
 
-def test_it_answers_404_for_a_non_numeric_server_id(http, receiver):
-    assert legacy_heartbeat(http, receiver, "web-01").status_code == 404
+def test_it_answers_404_for_a_non_numeric_server_id(http, legacy_receiver):
+    assert legacy_heartbeat(http, legacy_receiver, "web-01").status_code == 404
 
 
 @pytest.mark.parametrize("path", ["/api/nothing/", "/api/heartbeat/web-01/", "/favicon.ico"])
@@ -201,19 +208,19 @@ def test_it_answers_an_unknown_path_with_the_real_servers_html_404_page(http, re
     assert [r["status"] for r in receiver.store.requests()] == [404]
 
 
-def test_it_redirects_a_heartbeat_path_without_trailing_slash_with_301(http, receiver):
-    response = http.post(receiver.url + "/api/heartbeat/1", json=HEARTBEAT,
+def test_it_redirects_a_heartbeat_path_without_trailing_slash_with_301(http, legacy_receiver):
+    response = http.post(legacy_receiver.url + "/api/heartbeat/1", json=HEARTBEAT,
                          allow_redirects=False, timeout=5)
 
     assert response.status_code == 301
     assert response.headers["Location"] == "/api/heartbeat/1/"
-    assert receiver.store.heartbeats() == []
+    assert legacy_receiver.store.heartbeats() == []
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT"])
 def test_it_answers_405_with_allow_post_for_get_and_put_on_a_heartbeat_path(
-        http, receiver, method):
-    response = http.request(method, receiver.url + "/api/heartbeat/1/", timeout=5)
+        http, legacy_receiver, method):
+    response = http.request(method, legacy_receiver.url + "/api/heartbeat/1/", timeout=5)
 
     assert response.status_code == 405
     assert response.headers["Allow"] == "POST"
@@ -223,29 +230,51 @@ def test_it_answers_405_with_allow_post_for_get_and_put_on_a_heartbeat_path(
 @pytest.mark.parametrize(("body", "recorded_version"), [
     ("", None), ("not json", None), ("[1, 2]", None), ('{"agent_version": 7}', "7")])
 def test_it_accepts_a_legacy_heartbeat_whatever_its_body_like_the_real_server(
-        http, receiver, body, recorded_version):
-    response = legacy_heartbeat(http, receiver, 1, json=None, data=body,
+        http, legacy_receiver, body, recorded_version):
+    response = legacy_heartbeat(http, legacy_receiver, 1, json=None, data=body,
                                 headers={"Content-Type": "application/json"})
 
     assert response.status_code == 200
     assert response.json()["heartbeat_received"] is True
-    assert [h["agent_version"] for h in receiver.store.heartbeats()] == [recorded_version]
+    assert [h["agent_version"] for h in legacy_receiver.store.heartbeats()] == [recorded_version]
 
 
-def test_it_rejects_legacy_heartbeats_with_the_csrf_page_in_csrf_mode(http, start_receiver):
-    receiver = start_receiver(legacy_csrf=True)
-
+def test_it_refuses_legacy_heartbeats_with_the_csrf_page_by_default_like_the_real_server(
+        http, receiver):
     response = legacy_heartbeat(http, receiver, 1)
 
     assert response.status_code == 403
     assert response.headers["Content-Type"].startswith("text/html")
     assert "CSRF verification failed. Request aborted." in response.text
     assert receiver.store.heartbeats() == []
+    assert status_of(http, receiver, 1)["online"] is False
     assert token_heartbeat(http, receiver, {"Authorization": "Bearer tok-1"}).status_code == 200
 
 
+@pytest.mark.parametrize(("cookie", "header", "status"), [
+    ("csrftoken=abc", "abc", 401), ("csrftoken=abc", "other", 403), ("csrftoken=abc", None, 403),
+    ("sessionid=abc", "abc", 403)])
+def test_a_legacy_heartbeat_with_a_csrf_cookie_and_its_token_gets_401_authentication_required(
+        http, receiver, cookie, header, status):
+    headers = {"Cookie": cookie}
+    if header is not None:
+        headers["X-CSRFToken"] = header
+
+    response = legacy_heartbeat(http, receiver, 1, headers=headers)
+
+    assert response.status_code == status
+    if status == 401:
+        assert response.json() == {"error": "authentication required"}
+    assert receiver.store.heartbeats() == []
+
+
+def test_accept_any_without_accept_legacy_is_a_config_error():
+    with pytest.raises(stacksense_receiver.ConfigError, match="--accept-legacy"):
+        stacksense_receiver.make_server(SERVERS, accept_any=True)
+
+
 def test_accept_any_registers_unknown_numeric_ids_as_server_id(http, start_receiver):
-    receiver = start_receiver(accept_any=True)
+    receiver = start_receiver(accept_legacy=True, accept_any=True)
 
     response = legacy_heartbeat(http, receiver, 42)
 
@@ -322,16 +351,90 @@ def test_ping_answers_401_for_a_bad_token(http, receiver):
     assert "error" in response.json()
 
 
+def test_an_agent_version_over_50_characters_is_an_http_500_and_records_nothing(http, receiver):
+    response = http.post(receiver.url + "/api/agent/heartbeat/", json={"agent_version": "v" * 51},
+                         headers={"Authorization": "Bearer tok-1"}, timeout=5)
+    fifty = http.post(receiver.url + "/api/agent/heartbeat/", json={"agent_version": "v" * 50},
+                      headers={"Authorization": "Bearer tok-1"}, timeout=5)
+
+    assert response.status_code == 500
+    assert "<h1>Server Error (500)</h1>" in response.text
+    assert fifty.status_code == 200
+    assert [h["agent_version"] for h in receiver.store.heartbeats()] == ["v" * 50]
+
+
+def test_a_body_that_is_not_json_is_accepted_and_wipes_the_stored_version(http, receiver):
+    auth = {"Authorization": "Bearer tok-1"}
+    token_heartbeat(http, receiver, auth)
+    assert status_of(http, receiver, 1)["agent_version"] == "1.0.0"
+
+    response = http.post(receiver.url + "/api/agent/heartbeat/", data=b"1.0.0",
+                         headers=auth, timeout=5)
+
+    assert response.status_code == 200
+    assert status_of(http, receiver, 1)["agent_version"] is None
+    assert status_of(http, receiver, 1)["online"] is True
+
+
+def test_extra_fields_of_a_heartbeat_are_ignored(http, receiver):
+    response = http.post(receiver.url + "/api/agent/heartbeat/",
+                         json={"agent_version": "1.0.0", "server_id": 2, "hostname": "x"},
+                         headers={"Authorization": "Bearer tok-1"}, timeout=5)
+
+    assert response.status_code == 200
+    assert [(h["server_id"], h["agent_version"]) for h in receiver.store.heartbeats()] == [
+        (1, "1.0.0")]
+
+
+def test_a_token_given_to_two_servers_is_refused_naming_both():
+    servers = [{"id": 1, "name": "a", "token": "same"}, {"id": 2, "name": "b", "token": "same"}]
+
+    with pytest.raises(stacksense_receiver.ConfigError,
+                       match="server id 2 reuses the token of server id 1"):
+        stacksense_receiver.make_server(servers)
+
+
+# ---------------------------------------------------------------- tokens minted (stand-in)
+
+
+def test_minting_a_token_gives_a_server_without_one_a_working_token(http, receiver):
+    minted = http.post(receiver.url + "/_receiver/servers/2/token", timeout=5).json()
+
+    assert (minted["id"], minted["name"], minted["rotated"]) == (2, "web-02", False)
+    ping = http.get(receiver.url + "/api/agent/ping/",
+                    headers={"Authorization": "Bearer " + minted["token"]}, timeout=5)
+    assert ping.json()["server_id"] == 2
+
+
+def test_minting_again_rotates_and_the_old_token_stops_at_once(http, receiver):
+    minted = http.post(receiver.url + "/_receiver/servers/1/token", timeout=5).json()
+
+    assert minted["rotated"] is True and minted["token"] != "tok-1"
+    assert token_heartbeat(http, receiver, {"Authorization": "Bearer tok-1"}).status_code == 401
+    assert token_heartbeat(
+        http, receiver, {"Authorization": "Bearer " + minted["token"]}).status_code == 200
+
+
+def test_the_server_list_shows_credentials_as_hashes_never_tokens(http, receiver):
+    listed = http.get(receiver.url + "/_receiver/servers", timeout=5)
+
+    assert listed.json() == [
+        {"id": 1, "name": "web-01", "credential": {
+            "token_hash": hashlib.sha256(b"tok-1").hexdigest(), "token_prefix": "tok-1"}},
+        {"id": 2, "name": "web-02", "credential": None}]
+    assert http.post(receiver.url + "/_receiver/servers/9/token", timeout=5).status_code == 404
+
+
 # ---------------------------------------------------------------- status and records
 
 
-def test_a_server_stays_online_until_offline_after_seconds_pass(http, receiver, clock):
-    legacy_heartbeat(http, receiver, 1)
+def test_a_server_stays_online_until_offline_after_seconds_pass(http, legacy_receiver, clock):
+    legacy_heartbeat(http, legacy_receiver, 1)
 
     clock.advance(180)
-    at_limit = status_of(http, receiver, 1)
+    at_limit = status_of(http, legacy_receiver, 1)
     clock.advance(0.5)
-    past_limit = status_of(http, receiver, 1)
+    past_limit = status_of(http, legacy_receiver, 1)
 
     assert at_limit["online"] is True
     assert at_limit["seconds_since_heartbeat"] == 180
@@ -358,49 +461,49 @@ def test_the_offline_delay_is_configurable(http, start_receiver, clock):
     assert status_of(http, receiver, 1)["online"] is False
 
 
-def test_heartbeats_and_requests_can_be_listed_per_server(http, receiver):
-    legacy_heartbeat(http, receiver, 1)
-    legacy_heartbeat(http, receiver, 2)
-    http.get(receiver.url + "/api/heartbeat/2/", timeout=5)
+def test_heartbeats_and_requests_can_be_listed_per_server(http, legacy_receiver):
+    legacy_heartbeat(http, legacy_receiver, 1)
+    legacy_heartbeat(http, legacy_receiver, 2)
+    http.get(legacy_receiver.url + "/api/heartbeat/2/", timeout=5)
 
-    heartbeats = http.get(receiver.url + "/api/heartbeats/?server_id=2", timeout=5).json()
-    requests_for_2 = http.get(receiver.url + "/api/requests/?server_id=2", timeout=5).json()
+    heartbeats = http.get(legacy_receiver.url + "/api/heartbeats/?server_id=2", timeout=5).json()
+    requests_for_2 = http.get(legacy_receiver.url + "/api/requests/?server_id=2", timeout=5).json()
 
     assert [(h["server_id"], h["api"]) for h in heartbeats] == [(2, "legacy")]
     assert [(r["method"], r["path"], r["status"]) for r in requests_for_2] == [
         ("POST", "/api/heartbeat/2/", 200), ("GET", "/api/heartbeat/2/", 405)]
-    assert len(http.get(receiver.url + "/api/requests/", timeout=5).json()) == 3
+    assert len(http.get(legacy_receiver.url + "/api/requests/", timeout=5).json()) == 3
 
 
-def test_deleting_records_forgets_heartbeats_and_requests(http, receiver):
-    legacy_heartbeat(http, receiver, 1)
+def test_deleting_records_forgets_heartbeats_and_requests(http, legacy_receiver):
+    legacy_heartbeat(http, legacy_receiver, 1)
 
-    response = http.delete(receiver.url + "/_receiver/records", timeout=5)
+    response = http.delete(legacy_receiver.url + "/_receiver/records", timeout=5)
 
     assert response.status_code == 200
-    assert receiver.store.heartbeats() == []
-    assert receiver.store.requests() == []
-    assert status_of(http, receiver, 1)["heartbeats"] == 0
+    assert legacy_receiver.store.heartbeats() == []
+    assert legacy_receiver.store.requests() == []
+    assert status_of(http, legacy_receiver, 1)["heartbeats"] == 0
 
 
 def test_an_injected_fault_is_answered_until_cleared_and_failed_requests_are_counted(
-        http, receiver):
-    injected = http.put(receiver.url + "/_receiver/fault", json={"status": 503}, timeout=5)
+        http, legacy_receiver):
+    injected = http.put(legacy_receiver.url + "/_receiver/fault", json={"status": 503}, timeout=5)
     assert injected.status_code == 200
 
-    faulted = legacy_heartbeat(http, receiver, 1)
-    faulted_ping = http.get(receiver.url + "/api/agent/ping/",
+    faulted = legacy_heartbeat(http, legacy_receiver, 1)
+    faulted_ping = http.get(legacy_receiver.url + "/api/agent/ping/",
                             headers={"Authorization": "Bearer tok-1"}, timeout=5)
-    status_during_fault = http.get(receiver.url + "/api/status/", timeout=5)
-    http.put(receiver.url + "/_receiver/fault", json={"status": None}, timeout=5)
-    recovered = legacy_heartbeat(http, receiver, 1)
+    status_during_fault = http.get(legacy_receiver.url + "/api/status/", timeout=5)
+    http.put(legacy_receiver.url + "/_receiver/fault", json={"status": None}, timeout=5)
+    recovered = legacy_heartbeat(http, legacy_receiver, 1)
 
     assert faulted.status_code == 503 and "error" in faulted.json()
     assert faulted_ping.status_code == 503
     assert status_during_fault.status_code == 200
     assert recovered.status_code == 200
-    assert [r["status"] for r in receiver.store.requests(server_id=1)] == [503, 503, 200]
-    assert len(receiver.store.heartbeats()) == 1
+    assert [r["status"] for r in legacy_receiver.store.requests(server_id=1)] == [503, 503, 200]
+    assert len(legacy_receiver.store.heartbeats()) == 1
 
 
 def test_an_invalid_fault_status_is_rejected(http, receiver):
@@ -411,8 +514,9 @@ def test_an_invalid_fault_status_is_rejected(http, receiver):
 
 
 def test_the_html_page_lists_servers_escaped_with_their_state(http, start_receiver):
-    receiver = start_receiver([{"id": 1, "name": "web-01"}, {"id": 2, "name": "<db&02>"}])
-    legacy_heartbeat(http, receiver, 1)
+    receiver = start_receiver([{"id": 1, "name": "web-01", "token": "tok-1"},
+                               {"id": 2, "name": "<db&02>"}])
+    token_heartbeat(http, receiver, {"Authorization": "Bearer tok-1"})
 
     page = http.get(receiver.url + "/", timeout=5)
 
@@ -445,8 +549,9 @@ def test_a_client_that_does_not_trust_its_ca_fails_verification_and_is_logged_in
     receiver = start_receiver(tls_cert=pki["cert"], tls_key=pki["key"], log=log)
 
     with pytest.raises(requests.exceptions.SSLError, match="certificate verify failed"):
-        legacy_heartbeat(http, receiver, 1, verify=pki["other_ca"])
-    trusted = legacy_heartbeat(http, receiver, 1, verify=pki["ca"])
+        http.get(receiver.url + "/api/agent/ping/", verify=pki["other_ca"], timeout=5)
+    trusted = http.post(receiver.url + "/api/agent/heartbeat/", json=HEARTBEAT,
+                        headers={"Authorization": "Bearer tok-1"}, verify=pki["ca"], timeout=5)
 
     assert trusted.status_code == 200
     assert len(receiver.store.heartbeats()) == 1
@@ -522,15 +627,16 @@ def test_the_cli_announces_its_address_logs_records_and_exits_0_on_a_stop_signal
     tls_flags = ["--tls-cert", pki["cert"], "--tls-key", pki["key"]] if scheme == "https" else []
     process = subprocess.Popen(
         [sys.executable, str(RECEIVER_PATH), "--listen", "127.0.0.1:0",
-         "--server", "1:web-01", "--record", str(record_file), *tls_flags],
+         "--server", "1:web-01:tok-1", "--record", str(record_file), *tls_flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     try:
         announced = re.fullmatch(
             rf"stacksense-receiver listening on ({scheme}://127\.0\.0\.1:\d+)\n",
             process.stdout.readline())
         assert announced
-        response = http.post(announced.group(1) + "/api/heartbeat/1/", json=HEARTBEAT,
-                             verify=pki["ca"], timeout=5)
+        response = http.post(announced.group(1) + "/api/agent/heartbeat/", json=HEARTBEAT,
+                             headers={"Authorization": "Bearer tok-1"}, verify=pki["ca"],
+                             timeout=5)
         log_line = process.stdout.readline()
         process.send_signal(stop_signal)
         assert process.wait(timeout=15) == 0  # generous: CI machines can be loaded
@@ -543,6 +649,6 @@ def test_the_cli_announces_its_address_logs_records_and_exits_0_on_a_stop_signal
         process.stderr.close()
 
     assert response.status_code == 200
-    assert "POST /api/heartbeat/1/ 200 server_id=1" in log_line
+    assert "POST /api/agent/heartbeat/ 200 server_id=1" in log_line
     assert json.loads(record_file.read_text())["server_id"] == 1
     assert stderr == ""

@@ -1,5 +1,7 @@
 """The role documents each variable once, in meta/argument_specs.yml, and nothing else."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -38,3 +40,10 @@ def test_the_role_readme_lists_every_variable():
     readme = (ROLE / "README.md").read_text()
     missing = [name for name in specs if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_the_role_readmes_table_is_the_one_generated_from_the_specification():
+    script = ROLE.parent.parent / "scripts" / "role_readme.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import collections_path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLE = ROOT / "roles" / "stacksense_agent"
@@ -179,6 +180,7 @@ def run_playbook(tmp_path, hosts, plays, extra_args=(), path_prefix=None, env_ex
         ANSIBLE_STDOUT_CALLBACK="json",
         ANSIBLE_LOCALHOST_WARNING="false",
         ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        ANSIBLE_COLLECTIONS_PATH=collections_path(),
         ANSIBLE_FORKS="8",
         NO_COLOR="1",
         ANSIBLE_PIPELINING="true",

@@ -1,25 +1,22 @@
-"""playbooks/status.yml's classification, run by real Ansible on the probe answers of hosts.
+"""playbooks/status.yml's classification (plugins/filter/status_report.py) of probe answers.
 
 The probe's answers (what roles/stacksense_agent/tasks/status.yml prints on a host) are
-written here for each case; Ansible renders the playbook's template on them, as status.yml
-does, with the playbook's own state order.
+written here for each case and classified by the playbook's filter, called as status.yml
+calls it, with the playbook's own state order; the status scenario runs the playbook.
 """
 
 import json
-import shutil
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_filters
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "playbooks" / "templates" / "stacksense_status.json.j2"
-ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 NOW = "2026-12-01T12:00:00"
 TOKEN = "s3cret-token-4711"
+status_report = load_filters("status_report")["status_report"]
 
 
 def status_vars():
@@ -87,30 +84,14 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    if not ANSIBLE_PLAYBOOK.exists() and not shutil.which("ansible-playbook"):
-        pytest.skip("ansible-playbook is not installed")
-    work = tmp_path_factory.mktemp("status")
-    hosts = {name: {"ansible_connection": "local", "__stacksense_status_login": result,
-                    "stacksense_api_token": TOKEN if name == "failing" else ""}
-             for name, result in CASES.items()}
-    (work / "inventory.json").write_text(json.dumps({"all": {"hosts": hosts}}))
-    playbook = [{
-        "name": "Classify the probe answers", "hosts": "all", "gather_facts": False,
-        "vars": status_vars(),
-        "tasks": [{
-            "name": "Write what status.yml would classify",
-            "ansible.builtin.copy": {
-                "content": "{{ lookup('ansible.builtin.template', '" + str(TEMPLATE) + "') }}",
-                "dest": str(work / "fleet.json"), "mode": "0600"},
-            "run_once": True, "delegate_to": "localhost"}]}]
-    (work / "playbook.yml").write_text(yaml.safe_dump(playbook))
-    command = str(ANSIBLE_PLAYBOOK) if ANSIBLE_PLAYBOOK.exists() else "ansible-playbook"
-    done = subprocess.run([command, "-i", str(work / "inventory.json"), str(work / "playbook.yml")],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:]
-    return json.loads((work / "fleet.json").read_text())
+def fleet():
+    hostvars = {name: {"__stacksense_status_login": result,
+                       "stacksense_api_token": TOKEN if name == "failing" else ""}
+                for name, result in CASES.items()}
+    play_vars = status_vars()
+    report = status_report(hostvars, list(CASES), play_vars["__stacksense_status_order"],
+                           play_vars["__stacksense_status_names"])
+    return json.loads(json.dumps(report))  # as the playbook's JSON report has it
 
 
 def state(fleet, host):

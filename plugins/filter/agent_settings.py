@@ -1,0 +1,176 @@
+"""The agent's settings as the role passes them, judged by the agent's own rules.
+
+The role keeps one table of the settings it passes to the agent (vars/main.yml,
+__stacksense_agent_settings: the environment variable, the Ansible variable that sets it
+and its value). The systemd unit and the cron file both render agent_env() of it; preflight
+asks agent_problems(), which runs the agent's own settings_problems() (agent/heartbeat_agent.py
+at the collection's root, loaded by path: the clone's and the installed collection's alike)
+and names the Ansible variable in each message; agent_derived() gives the timeout and the
+watchdog the agent derives, by the agent's rule.
+"""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+DOCUMENTATION = r"""
+name: agent_problems
+short_description: What the heartbeat agent would refuse in the role's settings
+description:
+  - Runs the agent's own C(settings_problems()) on the environment the role gives it, and
+    the offline-window check of its interval, timeout and retries; each message names the
+    Ansible variable.
+positional: _input
+options:
+  _input:
+    description: The role's settings table, items with C(env), C(var) and C(value).
+    type: list
+    elements: dict
+    required: true
+  extra_env:
+    description: Variables the check needs that the table does not pass (the token).
+    type: dict
+    default: {}
+version_added: 1.2.0
+author: StackSense
+"""
+
+EXAMPLES = r"""
+problems: "{{ __stacksense_agent_settings | stacksense.fleet.agent_problems }}"
+"""
+
+RETURN = r"""
+_value:
+  description: One-line messages, each naming the Ansible variable; empty when all is well.
+  type: list
+  elements: str
+"""
+
+AGENT_PATH = Path(__file__).resolve().parents[2] / "agent" / "heartbeat_agent.py"
+# "interval (environment STACKSENSE_INTERVAL)": how the agent names a setting it refuses.
+AGENT_SOURCE = re.compile(r"\b[a-z_]+ \(environment ([A-Z_]+)\)")
+ENV_NAME = re.compile(r"\b(?:STACKSENSE_[A-Z_]+|HTTPS?_PROXY|ALL_PROXY|https?_proxy|all_proxy)\b")
+TIMING = ("STACKSENSE_INTERVAL", "STACKSENSE_TIMEOUT", "STACKSENSE_JITTER")
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+_agents = {}
+
+
+def load_agent(path=AGENT_PATH):
+    """The agent module at `path`, loaded once (it needs no `requests` for this)."""
+    path = Path(path)
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _agents:
+        spec = importlib.util.spec_from_file_location("stacksense_heartbeat_agent", str(path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _agents[key] = module
+    return _agents[key]
+
+
+def _text(value):
+    return "" if value is None else value if isinstance(value, str) else str(value)
+
+
+def agent_env(settings):
+    """{ENV: value} of the table's settings that are set, in the table's order, as text."""
+    return {item["env"]: _text(item["value"]) for item in settings
+            if _text(item["value"]).strip()}
+
+
+def _variable_names(settings):
+    names = {item["env"]: item["var"] for item in settings}
+    names.setdefault("STACKSENSE_API_TOKEN", "stacksense_api_token")
+    for proxy in ("HTTPS_PROXY", "HTTP_PROXY"):
+        names.setdefault(proxy, "stacksense_" + proxy.lower())
+        names.setdefault(proxy.lower(), "stacksense_" + proxy.lower())
+    return names
+
+
+def _in_role_terms(agent, message, names):
+    """The agent's message with the role's variable names in place of its own."""
+    message = AGENT_SOURCE.sub(lambda m: names.get(m.group(1), m.group(0)), message)
+    message = ENV_NAME.sub(lambda m: names.get(m.group(0), m.group(0)), message)
+    first, rest = message.split(" ", 1) if " " in message else (message, "")
+    setting = agent.SETTINGS_BY_NAME.get(first)
+    if setting is not None and setting.env in names:
+        first, message = names[setting.env], f"{names[setting.env]} {rest}"
+    if "Fix:" not in message and first in names.values():
+        message += f". Fix: set {first} as the agent expects it"
+    return message
+
+
+def offline_window_problem(agent, env, names):
+    """Why this interval cannot keep the host online on the server, or None.
+
+    The agent's policy: a beat is one request, retried on a blip up to
+    MAX_ATTEMPTS_PER_BEAT times with backoff (BACKOFF_BASE_S doubling to BACKOFF_CAP_S),
+    each try ending at the timeout, and the beat ends before the next one is due. So after
+    a heartbeat that was heard, the next can arrive as late as one interval plus such a
+    beat; the server must hear it inside SERVER_OFFLINE_AFTER_S.
+    """
+    try:
+        derived = agent.derived_settings(env)
+    except ValueError:
+        return None  # settings_problems() says why
+    interval, timeout = derived["interval"], derived["timeout"]
+    window = agent.SERVER_OFFLINE_AFTER_S
+
+    def silence(interval_s, timeout_s):
+        backoff = sum(min(agent.BACKOFF_CAP_S, agent.BACKOFF_BASE_S * 2 ** n)
+                      for n in range(agent.MAX_ATTEMPTS_PER_BEAT - 1))
+        beat = min(interval_s, agent.MAX_ATTEMPTS_PER_BEAT * timeout_s + backoff)
+        return interval_s + beat, beat
+
+    longest, beat = silence(interval, timeout)
+    if longest <= window:
+        return None
+    timeout_set = bool(_text(env.get("STACKSENSE_TIMEOUT")).strip())
+    fits = [i for i in range(1, int(window) + 1)
+            if silence(i, timeout if timeout_set else agent.default_timeout(i))[0] <= window]
+    fix = f"set {names['STACKSENSE_INTERVAL']} to at most {max(fits)}" if fits else (
+        f"lower {names['STACKSENSE_TIMEOUT']}")
+    return (f"{names['STACKSENSE_INTERVAL']} is {interval:g} s with a timeout of {timeout:g} s: "
+            f"a beat that meets a blip retries for up to {beat:g} s "
+            f"({agent.MAX_ATTEMPTS_PER_BEAT} tries), so the server could hear nothing for "
+            f"{longest:g} s, past the {window:g} s after which it shows the host offline. "
+            f"Fix: {fix}.")
+
+
+def agent_problems(settings, extra_env=None, agent_path=None):
+    """What the agent would refuse in the role's settings, one line each, in role terms."""
+    names = _variable_names(settings)
+    agent = load_agent(agent_path or AGENT_PATH)
+    problems = [f"{item['var']} is {json.dumps(agent.redact_url(_text(item['value'])))}, which "
+                "holds a line break or control character: it would not reach the agent as one "
+                f"line of its unit or cron file. Fix: give {item['var']} a one-line value."
+                for item in settings if CONTROL_CHARACTER.search(_text(item["value"]))]
+    env = dict(agent_env(settings), **(extra_env or {}))
+    problems += [_in_role_terms(agent, message, names) for message in agent.settings_problems(env)]
+    if not problems:
+        window = offline_window_problem(agent, env, names)
+        problems += [window] if window else []
+    return problems
+
+
+def agent_derived(settings, agent_path=None):
+    """The agent's derived values for these settings: interval, timeout, jitter, watchdog_s."""
+    from ansible.errors import AnsibleFilterError
+
+    agent = load_agent(agent_path or AGENT_PATH)
+    # They depend on these alone; derived_settings() wants a whole configuration, so the
+    # others are stand-ins (preflight has judged the real ones, and a template test may
+    # render odd ones on purpose).
+    env = {name: value for name, value in agent_env(settings).items() if name in TIMING}
+    env.update(STACKSENSE_API_URL="https://stacksense.invalid", STACKSENSE_SERVER_ID="1")
+    try:
+        return agent.derived_settings(env)
+    except ValueError as error:
+        raise AnsibleFilterError(
+            _in_role_terms(agent, str(error), _variable_names(settings))) from None
+
+
+class FilterModule:
+    def filters(self):
+        return {"agent_env": agent_env, "agent_problems": agent_problems,
+                "agent_derived": agent_derived}

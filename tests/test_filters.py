@@ -1,0 +1,235 @@
+"""The collection's filter plugins (plugins/filter/), called as plain functions."""
+
+import math
+
+import pytest
+from conftest import load_filters
+
+host_probe = load_filters("host_probe")["host_probe"]
+
+PROBE = [
+    "pid1=systemd",
+    "systemd=252 (252.39-1~deb12u1)",
+    "os=debian ",
+    "os_name=Debian GNU/Linux 12 (bookworm)",
+    "container=podman",
+    "propagation=shared",
+    "apt_lists=4",
+    "exists=/etc/systemd/system/stacksense-heartbeat.service",
+    "exists=/etc/stacksense-heartbeat/api_token",
+    "dir=/opt/stacksense-heartbeat 755 root:root",
+    "dir=/etc/stacksense-heartbeat 700 root:root",
+    "kept=/opt/stacksense-heartbeat/heartbeat_agent.py",
+    "dpkg=python3 ii ",
+    "dpkg=python3-requests un ",
+    "dpkg=cron ii ",
+]
+
+
+def test_the_probe_gives_the_facts_with_values_that_hold_spaces_and_equal_signs():
+    facts = host_probe([*PROBE, "os_name=Odd = Name"])["facts"]
+    assert facts["pid1"] == "systemd"
+    assert facts["systemd"] == "252 (252.39-1~deb12u1)"
+    assert facts["os"].split() == ["debian"]
+    assert facts["os_name"] == "Odd = Name"  # the last line of a name wins
+    assert facts["apt_lists"] == "4"
+    assert not {"exists", "dir", "kept", "dpkg"} & set(facts)
+
+
+def test_the_probe_lists_the_files_dirs_and_kept_copies_it_found():
+    probe = host_probe(PROBE)
+    assert probe["files"] == ["/etc/systemd/system/stacksense-heartbeat.service",
+                              "/etc/stacksense-heartbeat/api_token"]
+    assert probe["dirs"] == {"/opt/stacksense-heartbeat": "755 root:root",
+                             "/etc/stacksense-heartbeat": "700 root:root"}
+    assert probe["kept"] == ["/opt/stacksense-heartbeat/heartbeat_agent.py"]
+
+
+def test_only_packages_dpkg_reports_installed_count_as_installed():
+    assert host_probe(PROBE)["packages"] == ["python3", "cron"]
+
+
+def test_an_empty_or_missing_answer_gives_empty_facts_and_lists():
+    for answer in (None, [], ["", "garbage", "Upper=case"]):
+        assert host_probe(answer) == {"facts": {}, "files": [], "dirs": {}, "kept": [],
+                                      "packages": []}
+
+
+# --- agent_settings: the role's settings judged by the agent's own rules ---------------------
+
+agent_settings = load_filters("agent_settings")
+agent_env = agent_settings["agent_env"]
+agent_problems = agent_settings["agent_problems"]
+agent_derived = agent_settings["agent_derived"]
+
+ROLE_VARIABLES = {  # vars/main.yml's __stacksense_agent_settings: env -> variable
+    "STACKSENSE_API_URL": "stacksense_api_url",
+    "STACKSENSE_SERVER_ID": "stacksense_server_id",
+    "STACKSENSE_INTERVAL": "stacksense_interval",
+    "STACKSENSE_TIMEOUT": "stacksense_timeout",
+    "STACKSENSE_JITTER": "stacksense_jitter",
+    "STACKSENSE_LOG_LEVEL": "stacksense_log_level",
+    "STACKSENSE_CA_BUNDLE": "stacksense_ca_bundle",
+}
+GOOD_ENV = {"STACKSENSE_API_URL": "https://stacksense.example.com", "STACKSENSE_SERVER_ID": "7",
+            "STACKSENSE_INTERVAL": "30", "STACKSENSE_JITTER": "0.1", "STACKSENSE_LOG_LEVEL": "info"}
+
+# One table for both judges: (environment variable, value). Values inside the server's
+# offline window, so that the agent's settings_problems() alone decides.
+AGENT_VALUES = [
+    ("STACKSENSE_SERVER_ID", "42"), ("STACKSENSE_SERVER_ID", "0"), ("STACKSENSE_SERVER_ID", "-3"),
+    ("STACKSENSE_SERVER_ID", "4.2"), ("STACKSENSE_SERVER_ID", "١٢"), ("STACKSENSE_SERVER_ID", "x"),
+    ("STACKSENSE_SERVER_ID", " 42 "), ("STACKSENSE_SERVER_ID", "1" * 19),
+    ("STACKSENSE_API_URL", "http://10.0.0.5:8000"), ("STACKSENSE_API_URL", "https://[::1]/s/"),
+    ("STACKSENSE_API_URL", "ftp://s.example.com"), ("STACKSENSE_API_URL", "https://s.example.com:0"),
+    ("STACKSENSE_API_URL", "https://s.exämple.com"), ("STACKSENSE_API_URL", "https://a b.com"),
+    ("STACKSENSE_API_URL", "https://s.example.com/?q=1"), ("STACKSENSE_API_URL", "s.example.com"),
+    ("STACKSENSE_API_URL", "https://999.1.1.1"),
+    ("STACKSENSE_INTERVAL", "30"), ("STACKSENSE_INTERVAL", "1"), ("STACKSENSE_INTERVAL", "1.5"),
+    ("STACKSENSE_INTERVAL", "0"), ("STACKSENSE_INTERVAL", "0.5"), ("STACKSENSE_INTERVAL", "-30"),
+    ("STACKSENSE_INTERVAL", "abc"), ("STACKSENSE_INTERVAL", "nan"), ("STACKSENSE_INTERVAL", "inf"),
+    ("STACKSENSE_TIMEOUT", "5"), ("STACKSENSE_TIMEOUT", "0.1"), ("STACKSENSE_TIMEOUT", "0.05"),
+    ("STACKSENSE_TIMEOUT", "30"), ("STACKSENSE_TIMEOUT", "45"), ("STACKSENSE_TIMEOUT", "soon"),
+    ("STACKSENSE_JITTER", "0"), ("STACKSENSE_JITTER", "0.5"), ("STACKSENSE_JITTER", "0.51"),
+    ("STACKSENSE_JITTER", "-0.1"), ("STACKSENSE_JITTER", "nan"), ("STACKSENSE_JITTER", "10%"),
+    ("STACKSENSE_LOG_LEVEL", "debug"), ("STACKSENSE_LOG_LEVEL", "WARNING"),
+    ("STACKSENSE_LOG_LEVEL", "verbose"), ("STACKSENSE_LOG_LEVEL", "trace"),
+]
+
+
+def role_table(env):
+    return [{"env": name, "var": var, "value": env.get(name, "")}
+            for name, var in ROLE_VARIABLES.items()]
+
+
+@pytest.mark.parametrize("name, value", AGENT_VALUES, ids=[f"{n}={v}" for n, v in AGENT_VALUES])
+def test_preflight_refuses_exactly_what_the_agent_refuses_and_names_the_variable(
+        agent_module, name, value):
+    env = dict(GOOD_ENV, **{name: value})
+    agent_says = agent_module.settings_problems(env)
+    role_says = agent_problems(role_table(env))
+    assert bool(role_says) == bool(agent_says), (agent_says, role_says)
+    for message in role_says:
+        assert message.startswith(ROLE_VARIABLES[name] + " "), message
+        assert "STACKSENSE_" not in message and "Fix:" in message and "\n" not in message
+
+
+def test_the_token_is_judged_by_the_agent_and_never_shown():
+    for token, refused in (("tok-1", False), ("tok 1", True), ("tok\x01", True), ("", False)):
+        says = agent_problems(role_table(dict(GOOD_ENV, STACKSENSE_SERVER_ID="")),
+                              {"STACKSENSE_API_TOKEN": token} if token else {})
+        assert bool(says) == (refused or not token), says
+        assert all(token not in message for message in says if token)
+    says = agent_problems(role_table(GOOD_ENV), {"STACKSENSE_API_TOKEN": "s3cret space"})
+    assert says[0].startswith("stacksense_api_token ") and "s3cret" not in says[0]
+
+
+def test_a_line_break_is_refused_even_where_the_agent_would_strip_it():
+    says = agent_problems(role_table(dict(GOOD_ENV, STACKSENSE_INTERVAL="30\n")))
+    assert says and says[0].startswith('stacksense_interval is "30\\n"'), says
+
+
+def test_an_interval_that_outlasts_the_offline_window_is_refused_saying_why_and_how_far():
+    assert agent_problems(role_table(dict(GOOD_ENV, STACKSENSE_INTERVAL="133"))) == []
+    [message] = agent_problems(role_table(dict(GOOD_ENV, STACKSENSE_INTERVAL="134")))
+    assert message.startswith("stacksense_interval is 134 s with a timeout of 10 s")
+    assert "181 s, past the 180 s" in message and "at most 133" in message
+    # A long timeout makes each try of a retried beat longer: less room for the interval.
+    [message] = agent_problems(role_table(dict(GOOD_ENV, STACKSENSE_INTERVAL="100",
+                                               STACKSENSE_TIMEOUT="30")))
+    assert "at most 90" in message
+
+
+def test_the_offline_window_follows_the_agents_policy_constants(agent_module):
+    window = agent_module.SERVER_OFFLINE_AFTER_S
+    backoff = sum(min(agent_module.BACKOFF_CAP_S, agent_module.BACKOFF_BASE_S * 2 ** n)
+                  for n in range(agent_module.MAX_ATTEMPTS_PER_BEAT - 1))
+    longest_beat = agent_module.MAX_ATTEMPTS_PER_BEAT * agent_module.DEFAULT_TIMEOUT_S + backoff
+    last_good = int(window - longest_beat)
+    assert agent_problems(role_table(dict(GOOD_ENV, STACKSENSE_INTERVAL=str(last_good)))) == []
+    assert agent_problems(role_table(dict(GOOD_ENV, STACKSENSE_INTERVAL=str(last_good + 1))))
+
+
+def test_the_unit_and_cron_get_the_set_settings_in_the_tables_order():
+    table = role_table(dict(GOOD_ENV, STACKSENSE_TIMEOUT="", STACKSENSE_INTERVAL=15))
+    assert list(agent_env(table)) == ["STACKSENSE_API_URL", "STACKSENSE_SERVER_ID",
+                                      "STACKSENSE_INTERVAL", "STACKSENSE_JITTER",
+                                      "STACKSENSE_LOG_LEVEL"]
+    assert agent_env(table)["STACKSENSE_INTERVAL"] == "15"
+
+
+def test_the_derived_timeout_and_watchdog_are_the_agents(agent_module):
+    for interval in ("4", "12", "15", "19", "30", "600"):
+        derived = agent_derived(role_table(dict(GOOD_ENV, STACKSENSE_INTERVAL=interval)))
+        assert derived["timeout"] == agent_module.default_timeout(float(interval))
+        assert derived["watchdog_s"] == max(60, math.ceil(derived["timeout"] * 4))
+    assert agent_derived(role_table(dict(GOOD_ENV, STACKSENSE_TIMEOUT="20")))["watchdog_s"] == 80
+
+
+# --- fleet_conflicts: hosts of one run that would report as one server -----------------------
+
+fleet_conflicts = load_filters("fleet_conflicts")["fleet_conflicts"]
+
+
+def test_two_hosts_with_one_token_are_named_without_the_token():
+    hostvars = {"web-01": {"stacksense_api_token": "tok-A\n"}, "web-02": {},
+                "web-03": {"stacksense_api_token": "tok-A"},
+                "web-04": {"stacksense_api_token": "B"}}
+    [message] = fleet_conflicts(hostvars, list(hostvars))
+    assert message.startswith("web-01 and web-03 have the same stacksense_api_token")
+    assert "tok-A" not in message and "Fix:" in message
+
+
+def test_hosts_with_one_server_id_are_named_with_the_id_and_empty_ids_are_not_shared():
+    hostvars = {"a": {"stacksense_server_id": 12}, "b": {"stacksense_server_id": "12"},
+                "c": {"stacksense_server_id": "12 "}, "d": {"stacksense_server_id": ""},
+                "e": {"stacksense_server_id": None}, "f": {"stacksense_server_id": 13}}
+    [message] = fleet_conflicts(hostvars, list(hostvars))
+    assert message.startswith("a, b and c have the same stacksense_server_id (12)")
+
+
+def test_only_the_hosts_of_the_run_count():
+    hostvars = {"a": {"stacksense_server_id": 1}, "b": {"stacksense_server_id": 1}}
+    assert fleet_conflicts(hostvars, ["a"]) == []
+
+
+# --- rollback_files: what a rollback restores ------------------------------------------------
+
+rollback_files = load_filters("rollback_files")["rollback_files"]
+PATHS = {"agent": "/opt/s/heartbeat_agent.py", "unit": "/etc/systemd/system/s.service",
+         "cron": "/etc/cron.d/s", "token": "/etc/s/api_token", "ca": "/opt/s/ca.pem",
+         "proxy": "/etc/s/proxy.env"}
+
+
+def test_a_plain_systemd_run_restores_agent_and_unit_and_forgets_every_other_kept_copy():
+    sets = rollback_files(PATHS, "/opt/s/rollback")
+    assert sets["restore"] == [PATHS["agent"], PATHS["unit"]]
+    assert sets["candidates"] == [PATHS["agent"], PATHS["unit"], PATHS["token"], PATHS["ca"],
+                                  PATHS["proxy"]]
+    assert sets["unused_kept"] == ["/opt/s/rollback/api_token", "/opt/s/rollback/ca.pem",
+                                   "/opt/s/rollback/proxy.env", "/opt/s/rollback/s"]
+
+
+def test_a_cron_run_with_token_and_proxy_restores_those_and_forgets_the_unit_and_ca():
+    sets = rollback_files(PATHS, "/opt/s/rollback", cron=True, token=True, proxy=True)
+    assert sets["restore"] == [PATHS["agent"], PATHS["cron"], PATHS["token"], PATHS["proxy"]]
+    assert sets["candidates"][:2] == [PATHS["agent"], PATHS["cron"]]
+    assert sets["unused_kept"] == ["/opt/s/rollback/ca.pem", "/opt/s/rollback/s.service"]
+
+
+# --- redacted: values as messages show them ---------------------------------------------------
+
+redacted = load_filters("redacted")["redacted"]
+
+
+def test_a_server_url_is_shown_without_its_credentials():
+    assert redacted("https://ops:s3cret@s.example.com/x") == "https://***@s.example.com/x"
+    assert redacted("https://s.example.com/a@b") == "https://s.example.com/a@b"
+
+
+def test_a_proxy_is_shown_without_anything_before_its_last_at_or_not_at_all():
+    assert (redacted("http://u:p@ss@proxy.example.com:3128", "proxy")
+            == "http://<credentials hidden>@proxy.example.com:3128")
+    assert redacted("u:p@proxy:3128", "proxy") == "<credentials hidden>@proxy:3128"
+    assert redacted("http://u:s3cret/proxy:3128", "proxy") == "<hidden: it may hold a password>"
+    assert redacted("http://proxy.example.com:3128", "proxy") == "http://proxy.example.com:3128"
