@@ -23,7 +23,8 @@ def summarise(records, until):
         if not versions or versions[-1] != record["agent_version"]:
             versions.append(record["agent_version"])
     times = [parse(record["time"]) for record in records if parse(record["time"]) <= until]
-    gaps = [((later - earlier).total_seconds(), earlier.isoformat()) for earlier, later in zip(times, times[1:])]
+    gaps = [((later - earlier).total_seconds(), earlier.isoformat())
+            for earlier, later in zip(times, times[1:])]
     longest = max(gaps, default=(0.0, None))
     return {"versions": versions, "max_gap_s": round(longest[0], 3), "max_gap_after": longest[1]}
 
