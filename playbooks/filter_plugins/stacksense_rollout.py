@@ -1,0 +1,200 @@
+"""What happened to each host of a rollout of playbooks/deploy.yml, in plain Python.
+
+The skip-and-report rollout (issue 18; its playbook side is on branch wip-fleet, not yet
+wired into deploy.yml here) records one outcome per host, checks each batch against the
+share of hosts that may be skipped, and prints one summary at the end (and writes it as JSON
+with -e stacksense_deploy_report=PATH). The decisions are here, so that a plain pytest
+(tests/test_rollout.py) checks them on any number of synthetic hosts.
+
+A host problem is not a version problem:
+- unreachable, refused (preflight), broken (packages, dpkg lock, disk: the host failed before
+  the new agent ran): the host is skipped, left as it was, and the rollout goes on;
+- rolled back, or failed when there was nothing to roll back to (the new agent did not start
+  or was not heard: the version is bad): the rollout stops after this batch.
+"""
+
+# The role's steps (tags of roles/stacksense_agent/tasks/main.yml) in which a failure means
+# the new agent itself failed, and the one in which it means the host was refused.
+VERSION_STEPS = ("stacksense_service", "stacksense_verify")
+REFUSAL_STEPS = ("stacksense_preflight",)
+
+# The outcomes, in the order the summary lists them.
+OUTCOMES = ("deployed", "unchanged", "unreachable", "refused", "broken", "rolled back",
+            "failed", "lost", "not attempted")
+SKIPPED = ("unreachable", "refused", "broken")
+VERSION_FAILURES = ("rolled back", "failed")
+REASON_LENGTH = 300
+# Hosts that need nothing more (deployed, unchanged, not attempted) are named in the printed
+# summary up to this many; beyond, only in the JSON report. Every other host is always named.
+LISTED = 50
+LOST = "unreachable or failed during the run (see above)"
+
+
+def _one_line(text, host=""):
+    """The first line of a message, without the "host: " the role puts in front, bounded."""
+    line = " ".join(str(text or "").split())
+    if line.startswith("Task failed: "):  # ansible-core's prefix of every task error
+        line = line[len("Task failed: "):]
+    if host and line.startswith(f"{host}: "):
+        line = line[len(host) + 2:]
+    if len(line) > REASON_LENGTH:
+        line = line[:REASON_LENGTH - 3] + "..."
+    return line or "no message"
+
+
+def stacksense_unreachable_outcome(result, host=""):
+    """The outcome of a host the play could not reach or run a command on (its first task's
+    result: unreachable over SSH, or failed, e.g. a stopped container's connection)."""
+    result = result or {}
+    text = result.get("msg")
+    if not result.get("unreachable") and (result.get("stderr") or "").strip():
+        text = result["stderr"].strip().splitlines()[0]
+    return {"outcome": "unreachable", "reason": _one_line(text, host)}
+
+
+def stacksense_failed_outcome(task, result, host=""):
+    """The outcome of a host whose role failed: ansible_failed_task and ansible_failed_result."""
+    task = task or {}
+    result = result or {}
+    tags = task.get("tags") or []
+    reason = _one_line(result.get("msg"), host)
+    if result.get("unreachable"):
+        outcome = "unreachable"
+    elif any(tag in VERSION_STEPS for tag in tags):
+        outcome = "rolled back" if "rolled back to agent" in reason else "failed"
+    elif any(tag in REFUSAL_STEPS for tag in tags):
+        outcome = "refused"
+    else:
+        outcome = "broken"
+        reason = _one_line(f"{task.get('name') or 'a task'} failed: {reason}")
+    return {"outcome": outcome, "reason": reason}
+
+
+def stacksense_done_outcome(changes, version="", check_mode=False):
+    """The outcome of a host the role went through: deployed when it changed anything."""
+    changed = any(isinstance(r, dict) and r.get("changed") for r in changes or [])
+    if changed and check_mode:
+        return {"outcome": "deployed", "reason": "check mode: would deploy agent " + version}
+    if changed:
+        return {"outcome": "deployed",
+                "reason": f"agent {version} verified" if version else "deployed"}
+    return {"outcome": "unchanged", "reason": f"agent {version} already running" if version else ""}
+
+
+def _percent(value):
+    try:
+        percent = float(str(value).strip().rstrip("%"))
+    except ValueError:
+        raise ValueError(
+            f"stacksense_max_skipped_percent is {value!r}, expected a number from 0 to 100. "
+            "Fix: set it, e.g. 25.") from None
+    if not 0 <= percent <= 100:
+        raise ValueError(
+            f"stacksense_max_skipped_percent is {value!r}, expected a number from 0 to 100. "
+            "Fix: set it, e.g. 25.")
+    return percent
+
+
+def stacksense_batch_verdict(outcomes, max_skipped_percent):
+    """Why the rollout must stop after this batch ('' when it goes on).
+
+    outcomes: the outcome records of the batch's hosts. The rollout stops when a host's new
+    agent failed (a bad version), or when more than max_skipped_percent of the batch, and more
+    than one host, was skipped (a network-wide or fleet-wide problem rather than a host's):
+    one host down never stops a rollout, not even the canary.
+    """
+    percent = _percent(max_skipped_percent)
+    outcomes = [o or {} for o in outcomes or []]
+    bad = [o for o in outcomes if o.get("outcome") in VERSION_FAILURES]
+    if bad:
+        return (f"the new agent failed on {len(bad)} host(s) of this batch (a bad version, not a "
+                "bad host), so no further batch was started")
+    skipped = [o for o in outcomes if o.get("outcome") in SKIPPED]
+    if len(skipped) > 1 and len(skipped) * 100 > percent * len(outcomes):
+        return (f"{len(skipped)} of the {len(outcomes)} hosts of this batch were skipped "
+                f"(unreachable, refused or broken), more than stacksense_max_skipped_percent "
+                f"({percent:g} %): a problem of the network or of the settings rather than of "
+                "single hosts, so no further batch was started")
+    return ""
+
+
+def stacksense_rollout_records(all_hosts, hostvars, active_hosts):
+    """{host: outcome record} for every host of the play, from deploy.yml's per-host facts.
+
+    A host without an outcome that is still in the play (ansible_play_hosts) was never
+    reached by the rollout (it stopped first); one that dropped out of the play lost its
+    connection (or failed) during the run.
+    """
+    active = set(active_hosts or [])
+    records = {}
+    for host in all_hosts or []:
+        record = hostvars[host].get("__stacksense_outcome") if host in hostvars else None
+        if not record:
+            record = ({"outcome": "not attempted", "reason": "the rollout stopped before its batch"}
+                      if host in active else
+                      {"outcome": "lost", "reason": LOST})
+        records[host] = dict(record)
+    return records
+
+
+def stacksense_rollout_report(records, stopped="", width=100):
+    """The summary of a rollout: counts, per-host outcomes, and the lines to print.
+
+    records: {host: outcome record or None}; None means the host has no outcome: "lost" when
+    it dropped out of the play during the run, "not attempted" when the rollout stopped first
+    (stacksense_rollout_records says which). Hosts that need nothing more are listed by
+    name only, and only up to LISTED of them (the JSON report has them all); every other host
+    is named, grouped by outcome and reason, each reason said once.
+    """
+    hosts = {}
+    for host in sorted(records or {}):
+        record = records[host] or {"outcome": "lost", "reason": LOST}
+        hosts[host] = {"outcome": record.get("outcome", "lost"), "reason": record.get("reason", "")}
+    counts = {o: 0 for o in OUTCOMES}
+    for record in hosts.values():
+        counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
+    counts = {o: n for o, n in counts.items() if n}
+    noun = "host" if len(hosts) == 1 else "hosts"
+    lines = [f"{len(hosts)} {noun}: " + ", ".join(f"{n} {o}" for o, n in counts.items())]
+    if stopped:
+        lines.append(f"ROLLOUT STOPPED: {stopped}.")
+    for outcome in counts:
+        names = [h for h, r in hosts.items() if r["outcome"] == outcome]
+        if outcome in ("deployed", "unchanged", "not attempted"):
+            if len(names) > LISTED:
+                lines.append(f"{outcome} ({len(names)}): the hosts are named in the JSON report "
+                             "(-e stacksense_deploy_report=PATH)")
+            else:
+                lines.extend(_wrapped(f"{outcome} ({len(names)}): ", names, width))
+            continue
+        by_reason = {}
+        for host in names:
+            by_reason.setdefault(hosts[host]["reason"], []).append(host)
+        for reason, group in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
+            lines.extend(_wrapped(f"{outcome} ({len(group)}), {reason}: ", group, width))
+    return {"counts": counts, "stopped": stopped or None, "hosts": hosts, "summary": lines}
+
+
+def _wrapped(head, names, width):
+    """head + names, comma-separated, in lines of about width characters."""
+    lines, line = [], head
+    for i, name in enumerate(names):
+        piece = name + ("," if i < len(names) - 1 else "")
+        if line != head and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = "    "
+        line += ("" if line in (head, "    ") else " ") + piece
+    lines.append(line)
+    return lines
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "stacksense_unreachable_outcome": stacksense_unreachable_outcome,
+            "stacksense_failed_outcome": stacksense_failed_outcome,
+            "stacksense_done_outcome": stacksense_done_outcome,
+            "stacksense_batch_verdict": stacksense_batch_verdict,
+            "stacksense_rollout_records": stacksense_rollout_records,
+            "stacksense_rollout_report": stacksense_rollout_report,
+        }

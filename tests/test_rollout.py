@@ -1,0 +1,152 @@
+"""playbooks/deploy.yml's decisions (filter_plugins/stacksense_rollout.py), on synthetic hosts:
+which failure is a host's and which a version's, when a batch stops the rollout, and the
+summary an operator reads, at 3 and at 1,000 hosts."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location(
+    "stacksense_rollout", ROOT / "playbooks" / "filter_plugins" / "stacksense_rollout.py")
+rollout = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rollout)
+
+
+def failed(tags, msg, name="a task", host="web-01"):
+    return rollout.stacksense_failed_outcome({"tags": tags, "name": name}, {"msg": msg}, host)
+
+
+def test_a_failure_before_the_new_agent_runs_is_the_hosts():
+    assert failed(["stacksense_preflight"], "web-01: the init system is 'sleep'") == {
+        "outcome": "refused", "reason": "the init system is 'sleep'"}
+    broken = failed(["stacksense_install"], "Failed to lock apt for exclusive operation",
+                    name="Install the agent's packages")
+    assert broken["outcome"] == "broken"
+    assert broken["reason"] == ("Install the agent's packages failed: Failed to lock apt for "
+                                "exclusive operation")
+    assert failed(["stacksense_configure"], "No space left on device")["outcome"] == "broken"
+
+
+def test_a_failure_of_the_new_agent_is_the_versions():
+    for tags in (["stacksense_service"], ["stacksense_verify"]):
+        outcome = failed(tags, "web-01: no heartbeat from stacksense-heartbeat 1.3.0 ... "
+                               "rolled back to agent 1.2.0, which heartbeats again.")
+        assert outcome["outcome"] == "rolled back"
+        assert outcome["reason"].startswith("no heartbeat from stacksense-heartbeat 1.3.0")
+    first_deploy = failed(["stacksense_verify"], "web-01: no heartbeat ... Nothing to roll back to")
+    assert first_deploy["outcome"] == "failed"
+    assert "failed on 1 host(s)" in rollout.stacksense_batch_verdict([first_deploy], 25)
+
+
+def test_unreachable_hosts_and_long_messages():
+    assert rollout.stacksense_unreachable_outcome(
+        {"unreachable": True, "msg": "ssh: connect to host 10.0.0.9 port 22:\nNo route"}) == {
+        "outcome": "unreachable", "reason": "ssh: connect to host 10.0.0.9 port 22: No route"}
+    stopped_container = {"failed": True, "rc": 125, "msg": "non-zero return code",
+                         "stderr": "Error: container state improper\n"}
+    assert rollout.stacksense_unreachable_outcome(stopped_container) == {
+        "outcome": "unreachable", "reason": "Error: container state improper"}
+    assert failed(["stacksense_verify"], "x", host="h")["outcome"] == "failed"
+    mid_run = rollout.stacksense_failed_outcome({"tags": []}, {"unreachable": True, "msg": "gone"})
+    assert mid_run["outcome"] == "unreachable"
+    assert len(failed(["stacksense_install"], "y" * 5000)["reason"]) == rollout.REASON_LENGTH
+
+
+def test_deployed_only_when_something_changed():
+    assert rollout.stacksense_done_outcome([{"changed": False}, {}], "1.2.0") == {
+        "outcome": "unchanged", "reason": "agent 1.2.0 already running"}
+    assert rollout.stacksense_done_outcome([{"changed": False}, {"changed": True}], "1.2.0") == {
+        "outcome": "deployed", "reason": "agent 1.2.0 verified"}
+    assert rollout.stacksense_done_outcome([{"changed": True}], "1.2.0", True)["reason"] == (
+        "check mode: would deploy agent 1.2.0")
+
+
+def batch(*outcomes):
+    return [{"outcome": o, "reason": ""} for o in outcomes]
+
+
+def test_one_bad_version_stops_the_rollout_whatever_the_share():
+    verdict = rollout.stacksense_batch_verdict(batch(*["deployed"] * 99, "rolled back"), 25)
+    assert "the new agent failed on 1 host(s)" in verdict
+
+
+def test_one_host_down_never_stops_it_not_even_the_canary():
+    assert rollout.stacksense_batch_verdict(batch("unreachable"), 25) == ""
+    assert rollout.stacksense_batch_verdict(batch("refused", *["deployed"] * 4), 25) == ""
+
+
+def test_more_than_the_share_of_a_batch_skipped_stops_it():
+    # 2 of 5 is 40 % > 25 %; 2 of 8 is exactly 25 %: not more.
+    assert "2 of the 5 hosts" in rollout.stacksense_batch_verdict(
+        batch("unreachable", "broken", "deployed", "deployed", "unchanged"), 25)
+    two_of_eight = batch("unreachable", "broken", *["deployed"] * 6)
+    assert rollout.stacksense_batch_verdict(two_of_eight, 25) == ""
+    assert rollout.stacksense_batch_verdict(two_of_eight, "10%")
+    assert rollout.stacksense_batch_verdict(batch(*["unreachable"] * 10), 100) == ""
+
+
+@pytest.mark.parametrize("value", ["many", "-1", "101", ""])
+def test_a_bad_share_says_which_variable_and_the_fix(value):
+    with pytest.raises(ValueError, match=r"stacksense_max_skipped_percent is .*Fix: set it"):
+        rollout.stacksense_batch_verdict([], value)
+
+
+def test_records_name_hosts_lost_during_the_run_and_those_never_attempted():
+    deployed = {"outcome": "deployed", "reason": "agent 1.2.0 verified"}
+    hostvars = {"a": {"__stacksense_outcome": deployed},
+                "b": {}, "c": {}}
+    records = rollout.stacksense_rollout_records(["a", "b", "c"], hostvars, ["a", "c"])
+    assert records["b"]["outcome"] == "lost"
+    assert records["c"] == {"outcome": "not attempted",
+                            "reason": "the rollout stopped before its batch"}
+
+
+def test_summary_of_a_small_rollout():
+    records = {"web-01": {"outcome": "deployed", "reason": "agent 1.2.0 verified"},
+               "web-02": {"outcome": "unreachable", "reason": "ssh: no route to host"},
+               "web-03": {"outcome": "rolled back", "reason": "no heartbeat; rolled back to 1.1.0"}}
+    report = rollout.stacksense_rollout_report(records, "the new agent failed on 1 host(s)")
+    assert report["counts"] == {"deployed": 1, "unreachable": 1, "rolled back": 1}
+    assert report["summary"] == [
+        "3 hosts: 1 deployed, 1 unreachable, 1 rolled back",
+        "ROLLOUT STOPPED: the new agent failed on 1 host(s).",
+        "deployed (1): web-01",
+        "unreachable (1), ssh: no route to host: web-02",
+        "rolled back (1), no heartbeat; rolled back to 1.1.0: web-03",
+    ]
+    assert json.loads(json.dumps(report))["hosts"]["web-02"]["outcome"] == "unreachable"
+
+
+def test_a_thousand_hosts_fit_on_one_screen():
+    """1,000 hosts: 950 deployed, 30 unreachable (2 reasons), 15 refused, 5 broken."""
+    records = {}
+    for i in range(1000):
+        host = f"web-{i:04d}.dc1.example.com"
+        if i < 20:
+            records[host] = {"outcome": "unreachable", "reason": "ssh: connect timed out"}
+        elif i < 30:
+            records[host] = {"outcome": "unreachable", "reason": "ssh: no route to host"}
+        elif i < 45:
+            records[host] = {"outcome": "refused",
+                             "reason": "the init system is 'sleep', not systemd"}
+        elif i < 50:
+            records[host] = {"outcome": "broken", "reason": "Install the agent's packages failed: "
+                             "Could not get lock /var/lib/dpkg/lock-frontend"}
+        else:
+            records[host] = {"outcome": "deployed", "reason": "agent 1.2.0 verified"}
+    report = rollout.stacksense_rollout_report(records)
+    lines = report["summary"]
+    assert lines[0] == "1000 hosts: 950 deployed, 30 unreachable, 15 refused, 5 broken"
+    # Every host with a problem is named once, each reason is said once, the 950 deployed
+    # hosts are counted (and named in the JSON report): a screen rather than a thousand lines.
+    text = "\n".join(lines)
+    assert all(text.count(host) == 1 for host, r in records.items() if r["outcome"] != "deployed")
+    assert "deployed (950): the hosts are named in the JSON report" in text
+    assert len(report["hosts"]) == 1000
+    assert text.count("ssh: connect timed out") == 1
+    assert max(len(line) for line in lines) <= 100 + 40
+    assert len(lines) < 25
+    assert report["counts"]["deployed"] == 950
