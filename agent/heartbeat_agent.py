@@ -132,7 +132,7 @@ try:
 except ImportError:  # an Ansible controller checking settings (settings_problems) needs none
     requests = None
 
-AGENT_VERSION = "1.1.0"
+AGENT_VERSION = "1.2.0"
 AGENT_NAME = "stacksense-heartbeat"
 
 DEFAULT_CONFIG_PATH = "~/.stacksense_heartbeat.conf"

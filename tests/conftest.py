@@ -30,20 +30,22 @@ def collections_path():
     return str(COLLECTIONS_DIR)
 
 
-def load_filters(name):
-    """The filters of plugins/filter/NAME.py, by name, loaded as a plain module."""
-    path = ROOT / "plugins" / "filter" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"stacksense_filter_{name}", str(path))
+def load_module(name, relative):
+    """The repository's file RELATIVE (a script, not a package) loaded as the module NAME."""
+    spec = importlib.util.spec_from_file_location(name, str(ROOT / relative))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_filters(name):
+    """The filters of plugins/filter/NAME.py, by name, loaded as a plain module."""
+    module = load_module(f"stacksense_filter_{name}", f"plugins/filter/{name}.py")
     return module.FilterModule().filters()
 
 
 def load_agent_module():
-    spec = importlib.util.spec_from_file_location("heartbeat_agent", str(AGENT_PATH))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("heartbeat_agent", "agent/heartbeat_agent.py")
 
 
 @pytest.fixture(scope="session")

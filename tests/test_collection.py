@@ -1,6 +1,5 @@
 """The repository is the collection stacksense.fleet: one version everywhere, the same EE pins."""
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -8,15 +7,13 @@ import tarfile
 from pathlib import Path
 
 import yaml
+from conftest import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(name, f"scripts/{name}.py")
 
 
 def galaxy():

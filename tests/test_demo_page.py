@@ -6,7 +6,6 @@ runs it with DEMO_URL and DEMO_EXPECT_HOSTS set, and tears the demo down.
 """
 
 import html.parser
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["ID", "Name", "Agent version", "Last heartbeat", "State"]
@@ -25,15 +25,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-sync", "--no-first-run"]
 
 
-def load(name, relative):
-    spec = importlib.util.spec_from_file_location(name, str(ROOT / relative))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-receiver = load("stacksense_receiver", "receiver/stacksense_receiver.py")
-fleet_status = load("fleet_status", "scripts/fleet_status.py")
+receiver = load_module("stacksense_receiver", "receiver/stacksense_receiver.py")
+fleet_status = load_module("fleet_status", "scripts/fleet_status.py")
 
 
 class TableParser(html.parser.HTMLParser):

@@ -8,7 +8,6 @@ receiver in a thread, so that a minted token really works for heartbeats and a r
 stops at once. Vault files are written with the real ansible-vault and a password file.
 """
 
-import importlib.util
 import json
 import os
 import stat
@@ -19,20 +18,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, str(ROOT / path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-enroll = load("stacksense_enroll", "playbooks/files/stacksense_enroll.py")
-receiver_module = load("stacksense_receiver_for_enroll", "receiver/stacksense_receiver.py")
+enroll = load_module("stacksense_enroll", "playbooks/files/stacksense_enroll.py")
+receiver_module = load_module("stacksense_receiver_for_enroll", "receiver/stacksense_receiver.py")
 
 MINTED = """
 Created agent token for 'web-01' (id=1).

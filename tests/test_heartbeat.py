@@ -14,7 +14,7 @@ def test_it_posts_the_legacy_heartbeat_with_the_trailing_slash(server, make_agen
     [request] = server.requests
     assert (request["method"], request["path"]) == ("POST", "/api/heartbeat/42/")
     assert request["headers"]["Content-Type"] == "application/json"
-    assert json.loads(request["body"]) == {"agent_version": "1.1.0"}
+    assert json.loads(request["body"]) == {"agent_version": agent_module.AGENT_VERSION}
     assert "Authorization" not in request["headers"]
 
 

@@ -71,6 +71,16 @@ def timed_beat(agent):
     return result, time.monotonic() - started
 
 
+def traced_beat(agent):
+    """timed_beat, plus the peak of Python's allocations during the beat, in bytes."""
+    tracemalloc.start()
+    try:
+        result, elapsed = timed_beat(agent)
+        return result, elapsed, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def assert_bounded_failure_then_recovery(agent, hostile, result, elapsed):
     assert not result.ok
     assert elapsed <= result.attempts * (TIMEOUT_S + SLACK_S)
@@ -104,12 +114,7 @@ def test_a_slow_peer_costs_at_most_the_timeout_per_attempt(
 def test_a_huge_body_is_cut_at_64_kib_and_memory_stays_bounded(hostile, make_agent, behaviour):
     hostile.then(behaviour)
     agent = make_agent(hostile.url, timeout=5.0)
-    tracemalloc.start()
-    try:
-        result, elapsed = timed_beat(agent)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, elapsed, peak = traced_beat(agent)
     assert not result.ok and result.attempts == 1
     assert "answer over 64 KiB" in result.error
     assert peak < 1 << 20, f"peak Python allocations {peak} bytes"
@@ -573,12 +578,7 @@ def test_a_header_flood_fails_the_attempt_with_memory_bounded(
         hostile, make_agent, lines, line_bytes):
     hostile.then(*[header_flood(lines, line_bytes)] * 4)
     agent = make_agent(hostile.url, timeout=5.0)
-    tracemalloc.start()
-    try:
-        result, elapsed = timed_beat(agent)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, elapsed, peak = traced_beat(agent)
     assert not result.ok
     assert "larger than 64 KiB" in result.error or "more than 100 headers" in result.error
     assert peak < 1 << 20, f"peak Python allocations {peak} bytes"

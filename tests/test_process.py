@@ -101,11 +101,11 @@ def test_sigterm_ends_the_process_within_a_second(server, tmp_path, situation):
     assert elapsed < 1.0
 
 
-def test_the_state_file_records_success_then_failure(server, make_agent, tmp_path):
+def test_the_state_file_records_success_then_failure(server, make_agent, agent_module, tmp_path):
     agent = make_agent(server.url)
     assert agent.beat_once().ok
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["agent_version"] == "1.1.0"
+    assert state["agent_version"] == agent_module.AGENT_VERSION
     assert state["server_id"] == 42 and state["server_name"] == "web-01"
     assert state["pid"] == os.getpid()
     assert state["last_success_at"] == state["last_attempt_at"]
@@ -129,14 +129,14 @@ def test_an_unwritable_state_file_is_reported_once_and_heartbeats_go_on(
     assert len(complaints) == 1
 
 
-def test_under_journald_lines_carry_a_priority_and_no_timestamp(server):
+def test_under_journald_lines_carry_a_priority_and_no_timestamp(server, agent_module):
     server.then(Reply(404, {"detail": "Not found."}))
     process = run_agent_process(env=agent_env(server.url, JOURNAL_STREAM="8:1234"))
     assert wait_for(lambda: len(server.requests) >= 1)
     time.sleep(0.2)
     _, _, err = stop_and_time(process)
     lines = err.splitlines()
-    assert lines[0].startswith("<6>stacksense-heartbeat 1.1.0 starting")
+    assert lines[0].startswith(f"<6>stacksense-heartbeat {agent_module.AGENT_VERSION} starting")
     assert any(line.startswith("<4>heartbeat failed: HTTP 404") for line in lines)
 
 

@@ -10,8 +10,19 @@
 #                               STACKSENSE_PROBE_ROLLBACK_DIR
 #   STACKSENSE_PROBE_CA_BUNDLE  ca_bundle=file when it names a file
 #   STACKSENSE_PROBE_PACKAGES   dpkg=NAME STATUS for each package dpkg knows
-#   STACKSENSE_PROBE_PID_CMD    stale=yes when the process it names (the agent's) started
-#                               before a file of STACKSENSE_PROBE_KEPT last changed
+#   STACKSENSE_PROBE_PROCESS_CMD
+#                               stale=yes when the process it names (the agent's: the
+#                               first word it prints is the pid) started before a file of
+#                               STACKSENSE_PROBE_KEPT last changed
+#   STACKSENSE_PROBE_PUSH_AGENT_FILES, STACKSENSE_PROBE_PUSH_AGENT_UNIT
+#                               push_agent=PATH: the first of StackSense's push-agent files
+#                               found, or the unit when it does not run heartbeat_agent.py
+#                               (when it does, it is our 1.1.0 agent: legacy_unit=yes)
+#   STACKSENSE_PROBE_LEGACY_CRON, STACKSENSE_PROBE_LEGACY_KEPT_CRON
+#                               legacy_cron=yes: our 1.1.0 cron entry (it runs
+#                               heartbeat_agent.py), or its copy kept by a move
+#   STACKSENSE_PROBE_LEGACY_AGENT
+#                               legacy_version=AGENT_VERSION of the 1.1.0 agent
 echo "pid1=$(cat /proc/1/comm 2>/dev/null)"
 # shellcheck disable=SC2046  # split on purpose: "systemd 252 (252.39-1~deb12u1)"
 set -- $(systemctl --version 2>/dev/null)
@@ -38,7 +49,8 @@ done
 # interrupted run installed them but never restarted it (configure.yml restarts it). The
 # start (boot time + ticks, both truncated to seconds) may read up to 2 s early: only a
 # change more than 2 s after it counts, so a run's own restart never does.
-pid=$(sh -c "${STACKSENSE_PROBE_PID_CMD:-echo 0}" 2>/dev/null) || pid=0
+pid=$(sh -c "${STACKSENSE_PROBE_PROCESS_CMD:-echo 0}" 2>/dev/null) || pid=0
+pid=${pid%% *}
 if [ "${pid:-0}" -gt 0 ] 2>/dev/null && [ -r "/proc/$pid/stat" ]; then
   fields=$(cat "/proc/$pid/stat")
   # shellcheck disable=SC2086  # split on purpose: the fields after "(comm) "
@@ -53,4 +65,24 @@ if [ -n "${STACKSENSE_PROBE_PACKAGES:-}" ]; then
   # shellcheck disable=SC2086  # package names, one word each
   dpkg-query --show --showformat='dpkg=${Package} ${db:Status-Abbrev}\n' \
     $STACKSENSE_PROBE_PACKAGES 2>/dev/null || :
+fi
+push=
+while IFS= read -r f; do
+  if [ -z "$push" ] && [ -n "$f" ] && [ -e "$f" ]; then push=$f; fi
+done <<EOF
+${STACKSENSE_PROBE_PUSH_AGENT_FILES:-}
+EOF
+unit=${STACKSENSE_PROBE_PUSH_AGENT_UNIT:-}
+if [ -n "$unit" ] && grep -qsF heartbeat_agent.py "$unit"; then
+  echo "legacy_unit=yes"
+elif [ -z "$push" ] && [ -n "$unit" ] && [ -e "$unit" ]; then
+  push=$unit
+fi
+echo "push_agent=$push"
+if { [ -n "${STACKSENSE_PROBE_LEGACY_CRON:-}" ] && grep -qsF heartbeat_agent.py "$STACKSENSE_PROBE_LEGACY_CRON"; } ||
+  { [ -n "${STACKSENSE_PROBE_LEGACY_KEPT_CRON:-}" ] && [ -e "$STACKSENSE_PROBE_LEGACY_KEPT_CRON" ]; }; then
+  echo "legacy_cron=yes"
+fi
+if [ -n "${STACKSENSE_PROBE_LEGACY_AGENT:-}" ]; then
+  echo "legacy_version=$(sed -n 's/^AGENT_VERSION = "\(.*\)"$/\1/p' "$STACKSENSE_PROBE_LEGACY_AGENT" 2>/dev/null)"
 fi
