@@ -1,22 +1,17 @@
-"""playbooks/deploy.yml's decisions (filter_plugins/stacksense_rollout.py), on synthetic hosts:
+"""playbooks/deploy.yml's decisions (plugins/filter/rollout_report.py), on synthetic hosts:
 which failure is a host's and which a version's, when a batch stops the rollout, and the
 summary an operator reads, at 3 and at 1,000 hosts."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_module
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location(
-    "stacksense_rollout", ROOT / "playbooks" / "filter_plugins" / "stacksense_rollout.py")
-rollout = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rollout)
+rollout = load_module("stacksense_filter_rollout_report", "plugins/filter/rollout_report.py")
 
 
 def failed(tags, msg, name="a task", host="web-01"):
-    return rollout.stacksense_failed_outcome({"tags": tags, "name": name}, {"msg": msg}, host)
+    return rollout.rollout_failed({"tags": tags, "name": name}, {"msg": msg}, host)
 
 
 def test_a_failure_before_the_new_agent_runs_is_the_hosts():
@@ -38,29 +33,29 @@ def test_a_failure_of_the_new_agent_is_the_versions():
         assert outcome["reason"].startswith("no heartbeat from stacksense-heartbeat 1.3.0")
     first_deploy = failed(["stacksense_verify"], "web-01: no heartbeat ... Nothing to roll back to")
     assert first_deploy["outcome"] == "failed"
-    assert "failed on 1 host(s)" in rollout.stacksense_batch_verdict([first_deploy], 25)
+    assert "failed on 1 host(s)" in rollout.rollout_batch_verdict([first_deploy], 25)
 
 
 def test_unreachable_hosts_and_long_messages():
-    assert rollout.stacksense_unreachable_outcome(
+    assert rollout.rollout_unreachable(
         {"unreachable": True, "msg": "ssh: connect to host 10.0.0.9 port 22:\nNo route"}) == {
         "outcome": "unreachable", "reason": "ssh: connect to host 10.0.0.9 port 22: No route"}
     stopped_container = {"failed": True, "rc": 125, "msg": "non-zero return code",
                          "stderr": "Error: container state improper\n"}
-    assert rollout.stacksense_unreachable_outcome(stopped_container) == {
+    assert rollout.rollout_unreachable(stopped_container) == {
         "outcome": "unreachable", "reason": "Error: container state improper"}
     assert failed(["stacksense_verify"], "x", host="h")["outcome"] == "failed"
-    mid_run = rollout.stacksense_failed_outcome({"tags": []}, {"unreachable": True, "msg": "gone"})
+    mid_run = rollout.rollout_failed({"tags": []}, {"unreachable": True, "msg": "gone"})
     assert mid_run["outcome"] == "unreachable"
     assert len(failed(["stacksense_install"], "y" * 5000)["reason"]) == rollout.REASON_LENGTH
 
 
 def test_deployed_only_when_something_changed():
-    assert rollout.stacksense_done_outcome([{"changed": False}, {}], "1.2.0") == {
+    assert rollout.rollout_done([{"changed": False}, {}], "1.2.0") == {
         "outcome": "unchanged", "reason": "agent 1.2.0 already running"}
-    assert rollout.stacksense_done_outcome([{"changed": False}, {"changed": True}], "1.2.0") == {
+    assert rollout.rollout_done([{"changed": False}, {"changed": True}], "1.2.0") == {
         "outcome": "deployed", "reason": "agent 1.2.0 verified"}
-    assert rollout.stacksense_done_outcome([{"changed": True}], "1.2.0", True)["reason"] == (
+    assert rollout.rollout_done([{"changed": True}], "1.2.0", True)["reason"] == (
         "check mode: would deploy agent 1.2.0")
 
 
@@ -69,46 +64,65 @@ def batch(*outcomes):
 
 
 def test_one_bad_version_stops_the_rollout_whatever_the_share():
-    verdict = rollout.stacksense_batch_verdict(batch(*["deployed"] * 99, "rolled back"), 25)
+    verdict = rollout.rollout_batch_verdict(batch(*["deployed"] * 99, "rolled back"), 25)
     assert "the new agent failed on 1 host(s)" in verdict
 
 
 def test_one_host_down_never_stops_it_not_even_the_canary():
-    assert rollout.stacksense_batch_verdict(batch("unreachable"), 25) == ""
-    assert rollout.stacksense_batch_verdict(batch("refused", *["deployed"] * 4), 25) == ""
+    assert rollout.rollout_batch_verdict(batch("unreachable"), 25) == ""
+    assert rollout.rollout_batch_verdict(batch("refused", *["deployed"] * 4), 25) == ""
 
 
 def test_more_than_the_share_of_a_batch_skipped_stops_it():
     # 2 of 5 is 40 % > 25 %; 2 of 8 is exactly 25 %: not more.
-    assert "2 of the 5 hosts" in rollout.stacksense_batch_verdict(
+    assert "2 of the 5 hosts" in rollout.rollout_batch_verdict(
         batch("unreachable", "broken", "deployed", "deployed", "unchanged"), 25)
     two_of_eight = batch("unreachable", "broken", *["deployed"] * 6)
-    assert rollout.stacksense_batch_verdict(two_of_eight, 25) == ""
-    assert rollout.stacksense_batch_verdict(two_of_eight, "10%")
-    assert rollout.stacksense_batch_verdict(batch(*["unreachable"] * 10), 100) == ""
+    assert rollout.rollout_batch_verdict(two_of_eight, 25) == ""
+    assert rollout.rollout_batch_verdict(two_of_eight, "10%")
+    assert rollout.rollout_batch_verdict(batch(*["unreachable"] * 10), 100) == ""
 
 
 @pytest.mark.parametrize("value", ["many", "-1", "101", ""])
 def test_a_bad_share_says_which_variable_and_the_fix(value):
     with pytest.raises(ValueError, match=r"stacksense_max_skipped_percent is .*Fix: set it"):
-        rollout.stacksense_batch_verdict([], value)
+        rollout.rollout_batch_verdict([], value)
 
 
 def test_records_name_hosts_lost_during_the_run_and_those_never_attempted():
     deployed = {"outcome": "deployed", "reason": "agent 1.2.0 verified"}
     hostvars = {"a": {"__stacksense_outcome": deployed},
                 "b": {}, "c": {}}
-    records = rollout.stacksense_rollout_records(["a", "b", "c"], hostvars, ["a", "c"])
+    records = rollout.rollout_records(["a", "b", "c"], hostvars, ["a", "c"])
     assert records["b"]["outcome"] == "lost"
     assert records["c"] == {"outcome": "not attempted",
                             "reason": "the rollout stopped before its batch"}
+
+
+def test_a_host_left_alone_for_the_push_agent_is_neither_deployed_nor_missing():
+    deployed = {"outcome": "deployed", "reason": "agent 1.2.0 verified"}
+    why = ("web-02: StackSense's push agent runs here (found /opt/stacksense-agent/"
+           "stacksense_agent.py); its metrics push already keeps this host online")
+    hostvars = {"web-01": {"__stacksense_outcome": deployed},
+                "web-02": {"__stacksense_push_agent_left_alone": why},
+                "web-03": {}}
+    # The role ended web-02's play (meta: end_host): it is no longer an active host.
+    records = rollout.rollout_records(["web-01", "web-02", "web-03"], hostvars, ["web-01"])
+    assert records["web-02"]["outcome"] == "left alone (push agent)"
+    assert records["web-02"]["reason"].startswith("StackSense's push agent runs here")
+    report = rollout.rollout_report(records)
+    assert report["counts"] == {"deployed": 1, "left alone (push agent)": 1, "lost": 1}
+    assert report["incomplete"] == ["web-03"]
+    assert "left alone (push agent) (1): web-02" in report["summary"]
+    # Never a reason to stop: the batch that held it goes on.
+    assert rollout.rollout_batch_verdict([records["web-02"], records["web-01"]], 0) == ""
 
 
 def test_summary_of_a_small_rollout():
     records = {"web-01": {"outcome": "deployed", "reason": "agent 1.2.0 verified"},
                "web-02": {"outcome": "unreachable", "reason": "ssh: no route to host"},
                "web-03": {"outcome": "rolled back", "reason": "no heartbeat; rolled back to 1.1.0"}}
-    report = rollout.stacksense_rollout_report(records, "the new agent failed on 1 host(s)")
+    report = rollout.rollout_report(records, "the new agent failed on 1 host(s)")
     assert report["counts"] == {"deployed": 1, "unreachable": 1, "rolled back": 1}
     assert report["summary"] == [
         "3 hosts: 1 deployed, 1 unreachable, 1 rolled back",
@@ -137,7 +151,7 @@ def test_a_thousand_hosts_fit_on_one_screen():
                              "Could not get lock /var/lib/dpkg/lock-frontend"}
         else:
             records[host] = {"outcome": "deployed", "reason": "agent 1.2.0 verified"}
-    report = rollout.stacksense_rollout_report(records)
+    report = rollout.rollout_report(records)
     lines = report["summary"]
     assert lines[0] == "1000 hosts: 950 deployed, 30 unreachable, 15 refused, 5 broken"
     # Every host with a problem is named once, each reason is said once, the 950 deployed

@@ -1,8 +1,9 @@
 """What happened to each host of a rollout (playbooks/deploy.yml), in plain Python.
 
-deploy.yml records one outcome per host, checks each batch against the share of hosts that
-may be skipped, and prints one summary at the end (and writes it as JSON with
--e stacksense_deploy_report=PATH). The decisions are here, so that a plain pytest
+deploy.yml records one outcome per host (rollout_unreachable, rollout_failed, rollout_done),
+checks each batch against the share of hosts that may be skipped (rollout_batch_verdict), and
+prints one summary at the end or at the stop (rollout_records, rollout_report; written as JSON
+with -e stacksense_deploy_report=PATH). The decisions are here, so that a plain pytest
 (tests/test_rollout.py) checks them on any number of synthetic hosts.
 
 A host problem is not a version problem:
@@ -10,6 +11,47 @@ A host problem is not a version problem:
   the new agent ran): the host is skipped, left as it was, and the rollout goes on;
 - rolled back, or failed when there was nothing to roll back to (the new agent did not start
   or was not heard: the version is bad): the rollout stops after this batch.
+A host where StackSense's push agent runs is left alone by the role (it ends the host's play
+and says why in __stacksense_push_agent_left_alone): neither skipped nor failed.
+"""
+
+DOCUMENTATION = r"""
+name: rollout_report
+short_description: The summary of a rollout of deploy.yml, per host and in counts
+description:
+  - From each host's outcome record (C(rollout_records)), the counts, the hosts grouped by
+    outcome and reason, each reason said once, and the lines to print; readable at 1,000 hosts
+    (hosts that need nothing more are counted, and named only in the JSON report past 50).
+  - The same file holds the filters that make the records and judge a batch
+    (C(rollout_unreachable), C(rollout_failed), C(rollout_done), C(rollout_batch_verdict),
+    C(rollout_records)); C(playbooks/deploy.yml) is their one user.
+positional: _input, stopped
+options:
+  _input:
+    description: C({host: outcome record}), as C(rollout_records) makes it.
+    type: dict
+    required: true
+  stopped:
+    description: Why the rollout stopped (C(rollout_batch_verdict)), empty when it did not.
+    type: str
+    default: ""
+version_added: 1.2.0
+author: StackSense
+"""
+
+EXAMPLES = r"""
+report: >-
+  {{ ansible_play_hosts_all | stacksense.fleet.rollout_records(hostvars, ansible_play_hosts)
+     | stacksense.fleet.rollout_report(stop_reason) }}
+"""
+
+RETURN = r"""
+_value:
+  description: >-
+    C(counts) per outcome, C(stopped), C(hosts) (each host's outcome and reason),
+    C(incomplete) (the hosts that do not run the new agent and were not left alone) and
+    C(summary), the lines to print.
+  type: dict
 """
 
 # The role's steps (tags of roles/stacksense_agent/tasks/main.yml) in which a failure means
@@ -18,8 +60,11 @@ VERSION_STEPS = ("stacksense_service", "stacksense_verify")
 REFUSAL_STEPS = ("stacksense_preflight",)
 
 # The outcomes, in the order the summary lists them.
-OUTCOMES = ("deployed", "unchanged", "unreachable", "refused", "broken", "rolled back",
-            "failed", "lost", "not attempted")
+LEFT_ALONE = "left alone (push agent)"
+OUTCOMES = ("deployed", "unchanged", LEFT_ALONE, "unreachable", "refused", "broken",
+            "rolled back", "failed", "lost", "not attempted")
+# Outcomes after which a host needs nothing more from this rollout.
+FINISHED = ("deployed", "unchanged", LEFT_ALONE)
 SKIPPED = ("unreachable", "refused", "broken")
 VERSION_FAILURES = ("rolled back", "failed")
 REASON_LENGTH = 300
@@ -41,7 +86,7 @@ def _one_line(text, host=""):
     return line or "no message"
 
 
-def stacksense_unreachable_outcome(result, host=""):
+def rollout_unreachable(result, host=""):
     """The outcome of a host the play could not reach or run a command on (its first task's
     result: unreachable over SSH, or failed, e.g. a stopped container's connection)."""
     result = result or {}
@@ -51,7 +96,7 @@ def stacksense_unreachable_outcome(result, host=""):
     return {"outcome": "unreachable", "reason": _one_line(text, host)}
 
 
-def stacksense_failed_outcome(task, result, host=""):
+def rollout_failed(task, result, host=""):
     """The outcome of a host whose role failed: ansible_failed_task and ansible_failed_result."""
     task = task or {}
     result = result or {}
@@ -69,7 +114,7 @@ def stacksense_failed_outcome(task, result, host=""):
     return {"outcome": outcome, "reason": reason}
 
 
-def stacksense_done_outcome(changes, version="", check_mode=False):
+def rollout_done(changes, version="", check_mode=False):
     """The outcome of a host the role went through: deployed when it changed anything."""
     changed = any(isinstance(r, dict) and r.get("changed") for r in changes or [])
     if changed and check_mode:
@@ -94,7 +139,7 @@ def _percent(value):
     return percent
 
 
-def stacksense_batch_verdict(outcomes, max_skipped_percent):
+def rollout_batch_verdict(outcomes, max_skipped_percent):
     """Why the rollout must stop after this batch ('' when it goes on).
 
     outcomes: the outcome records of the batch's hosts. The rollout stops when a host's new
@@ -117,17 +162,23 @@ def stacksense_batch_verdict(outcomes, max_skipped_percent):
     return ""
 
 
-def stacksense_rollout_records(all_hosts, hostvars, active_hosts):
+def rollout_records(all_hosts, hostvars, active_hosts):
     """{host: outcome record} for every host of the play, from deploy.yml's per-host facts.
 
-    A host without an outcome that is still in the play (ansible_play_hosts) was never
+    A host the role left alone because StackSense's push agent runs there (it ended the
+    host's play, __stacksense_push_agent_left_alone says why) is "left alone (push agent)".
+    Any other host without an outcome that is still in the play (ansible_play_hosts) was never
     reached by the rollout (it stopped first); one that dropped out of the play lost its
     connection (or failed) during the run.
     """
     active = set(active_hosts or [])
     records = {}
     for host in all_hosts or []:
-        record = hostvars[host].get("__stacksense_outcome") if host in hostvars else None
+        host_vars = hostvars.get(host, {})
+        record = host_vars.get("__stacksense_outcome")
+        left_alone = host_vars.get("__stacksense_push_agent_left_alone")
+        if not record and left_alone:
+            record = {"outcome": LEFT_ALONE, "reason": _one_line(left_alone, host)}
         if not record:
             record = ({"outcome": "not attempted", "reason": "the rollout stopped before its batch"}
                       if host in active else
@@ -136,12 +187,12 @@ def stacksense_rollout_records(all_hosts, hostvars, active_hosts):
     return records
 
 
-def stacksense_rollout_report(records, stopped="", width=100):
+def rollout_report(records, stopped="", width=100):
     """The summary of a rollout: counts, per-host outcomes, and the lines to print.
 
     records: {host: outcome record or None}; None means the host has no outcome: "lost" when
     it dropped out of the play during the run, "not attempted" when the rollout stopped first
-    (stacksense_rollout_records says which). Hosts that need nothing more are listed by
+    (rollout_records says which). Hosts that need nothing more are listed by
     name only, and only up to LISTED of them (the JSON report has them all); every other host
     is named, grouped by outcome and reason, each reason said once.
     """
@@ -159,7 +210,7 @@ def stacksense_rollout_report(records, stopped="", width=100):
         lines.append(f"ROLLOUT STOPPED: {stopped}.")
     for outcome in counts:
         names = [h for h, r in hosts.items() if r["outcome"] == outcome]
-        if outcome in ("deployed", "unchanged", "not attempted"):
+        if outcome in ("deployed", "unchanged", "not attempted", LEFT_ALONE):
             if len(names) > LISTED:
                 lines.append(f"{outcome} ({len(names)}): the hosts are named in the JSON report "
                              "(-e stacksense_deploy_report=PATH)")
@@ -171,7 +222,9 @@ def stacksense_rollout_report(records, stopped="", width=100):
             by_reason.setdefault(hosts[host]["reason"], []).append(host)
         for reason, group in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
             lines.extend(_wrapped(f"{outcome} ({len(group)}), {reason}: ", group, width))
-    return {"counts": counts, "stopped": stopped or None, "hosts": hosts, "summary": lines}
+    incomplete = [h for h, r in hosts.items() if r["outcome"] not in FINISHED]
+    return {"counts": counts, "stopped": stopped or None, "hosts": hosts,
+            "incomplete": incomplete, "summary": lines}
 
 
 def _wrapped(head, names, width):
@@ -190,10 +243,10 @@ def _wrapped(head, names, width):
 class FilterModule:
     def filters(self):
         return {
-            "stacksense_unreachable_outcome": stacksense_unreachable_outcome,
-            "stacksense_failed_outcome": stacksense_failed_outcome,
-            "stacksense_done_outcome": stacksense_done_outcome,
-            "stacksense_batch_verdict": stacksense_batch_verdict,
-            "stacksense_rollout_records": stacksense_rollout_records,
-            "stacksense_rollout_report": stacksense_rollout_report,
+            "rollout_unreachable": rollout_unreachable,
+            "rollout_failed": rollout_failed,
+            "rollout_done": rollout_done,
+            "rollout_batch_verdict": rollout_batch_verdict,
+            "rollout_records": rollout_records,
+            "rollout_report": rollout_report,
         }
