@@ -28,7 +28,7 @@ description:
 positional: _input, stopped
 options:
   _input:
-    description: C({host: outcome record}), as C(rollout_records) makes it.
+    description: Each host's outcome record by host name, as C(rollout_records) makes it.
     type: dict
     required: true
   stopped:
