@@ -10,7 +10,7 @@ export NO_COLOR := 1
 # files, ansible-galaxy's cache) stays in the clone, not in ~/.ansible: make test checks it.
 export ANSIBLE_HOME := $(CURDIR)/.cache/ansible-home
 # Longest first (README: what each costs), so that make molecule's lanes end together.
-SCENARIOS ?= upgrade network cron status remove token default resilience enroll
+SCENARIOS ?= remove cron upgrade default network status token resilience enroll
 # Scenarios side by side (scripts/run_scenarios.py): each has its own containers and ports.
 MOLECULE_JOBS ?= 1
 
