@@ -10,7 +10,7 @@ export NO_COLOR := 1
 # files, ansible-galaxy's cache) stays in the clone, not in ~/.ansible: make test checks it.
 export ANSIBLE_HOME := $(CURDIR)/.cache/ansible-home
 # Longest first (README: what each costs), so that make molecule's lanes end together.
-SCENARIOS ?= fleet upgrade network cron status remove token default resilience switch enroll bad_inventory check
+SCENARIOS ?= fleet remove cron upgrade default network status token resilience enroll
 # Scenarios side by side (scripts/run_scenarios.py): each has its own containers and ports.
 MOLECULE_JOBS ?= 1
 
@@ -18,15 +18,10 @@ MOLECULE_JOBS ?= 1
 .PHONY: demo demo-status demo-outage demo-restore demo-down demo-check
 
 # The clone is the collection stacksense.fleet: ansible.cfg (and every Molecule scenario)
-# puts .collections first in the collections path, where this link names the repository,
-# so that the role's stacksense.fleet.* plugins are the clone's own files.
-COLLECTION_LINK := .collections/ansible_collections/stacksense/fleet
-
-venv: $(VENV)/.installed $(COLLECTION_LINK)
-
-$(COLLECTION_LINK):
-	mkdir -p $(@D)
-	ln -sfn ../../.. $@
+# puts .collections first in the collections path, where the committed link
+# .collections/ansible_collections/stacksense/fleet -> ../../.. names the repository, so that
+# the role's stacksense.fleet.* plugins are the clone's own files.
+venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -90,7 +85,7 @@ test:
 	python3 scripts/home_check.py compare build/home-before.txt
 
 clean:
-	rm -rf $(VENV) .collections .pytest_cache .ruff_cache .cache/ansible-test-home .cache/ansible-home
+	rm -rf $(VENV) .pytest_cache .ruff_cache .cache/ansible-test-home .cache/ansible-home
 
 # Local fleet demo (docs/DEMO.md). DEMO_HOSTS (3), DEMO_PORT (8480), DEMO_INTERVAL (5)
 # and DEMO_OFFLINE_AFTER (30) reach scripts/demo.sh from the command line:

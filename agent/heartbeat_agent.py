@@ -637,10 +637,13 @@ def consistency_problems(config, sources, token_given):
         problems.append("server_id is not set: set STACKSENSE_SERVER_ID to the id shown in "
                         "the StackSense dashboard, or configure an API token")
     if config["timeout"] >= config["interval"]:
-        problems.append("timeout ({}) is {:g}: expected fewer seconds than the interval "
-                        "({:g} s)".format(sources["timeout"], config["timeout"],
-                                          config["interval"]))
+        problems.append(timeout_problem(config, sources))
     return problems
+
+
+def timeout_problem(config, sources):
+    return "timeout ({}) is {:g}: expected fewer seconds than the interval ({:g} s)".format(
+        sources["timeout"], config["timeout"], config["interval"])
 
 
 def check_proxy(proxy):
@@ -697,19 +700,13 @@ HOST_FILE_SETTINGS = ("api_token_file", "ca_bundle")
 PROXY_VARIABLES = ("https_proxy", "http_proxy", "all_proxy")
 
 
-def settings_problems(env):
-    """What the agent would refuse in the environment `env`, as one-line messages ([] if none).
-
-    `env` maps STACKSENSE_* (and proxy) variables to their values as the unit or the cron
-    file passes them; values that are not strings are taken as str(value). The checks are
-    the loader's own parsers and consistency rules, without those that need the host: the
-    token, CA and state files are only checked to be paths, and a token counts as given when
-    STACKSENSE_API_TOKEN, STACKSENSE_API_TOKEN_FILE or CREDENTIALS_DIRECTORY (systemd's
-    LoadCredential=) is set. Every proxy variable that is set is checked, whether or not
-    NO_PROXY exempts the server. Pure: no file, network or `requests` is touched.
-    """
+def env_settings(env, settings=SETTINGS):
+    """`settings` as `env` (the unit's or the cron file's variables) sets them: parsed values
+    or defaults, their sources, and one-line problems. Values that are not strings are taken
+    as str(value); the host-file settings are only checked to be paths. With no problem, a
+    timeout left unset is default_timeout(interval)."""
     config, sources, problems = {}, {}, []
-    for setting in SETTINGS:
+    for setting in settings:
         raw = env.get(setting.env)
         raw = "" if raw is None else raw if isinstance(raw, str) else str(raw)
         config[setting.name], sources[setting.name] = setting.default, "default"
@@ -721,9 +718,25 @@ def settings_problems(env):
             config[setting.name] = parse(raw)
         except ValueError as error:
             problems.append(setting_problem(setting, sources[setting.name], raw, error))
+    if not problems and sources.get("timeout") == "default":
+        config["timeout"] = default_timeout(config["interval"])
+    return config, sources, problems
+
+
+def settings_problems(env):
+    """What the agent would refuse in the environment `env`, as one-line messages ([] if none).
+
+    `env` maps STACKSENSE_* (and proxy) variables to their values as the unit or the cron
+    file passes them (see env_settings). The checks are the loader's own parsers and
+    consistency rules, without those that need the host: the token, CA and state files are
+    only checked to be paths, and a token counts as given when STACKSENSE_API_TOKEN,
+    STACKSENSE_API_TOKEN_FILE or CREDENTIALS_DIRECTORY (systemd's LoadCredential=) is set.
+    Every proxy variable that is set is checked, whether or not NO_PROXY exempts the server.
+    Pure: no file, network or `requests` is touched. An interval too long for the server's
+    offline window is offline_window_problem()'s: the agent runs with it; the role refuses it.
+    """
+    config, sources, problems = env_settings(env)
     if not problems:
-        if sources["timeout"] == "default":
-            config["timeout"] = default_timeout(config["interval"])
         token_given = any(str(env.get(name) or "").strip() for name in (
             "STACKSENSE_API_TOKEN", "STACKSENSE_API_TOKEN_FILE", "CREDENTIALS_DIRECTORY"))
         problems = consistency_problems(config, sources, token_given)
@@ -735,28 +748,70 @@ def settings_problems(env):
     return problems
 
 
+TIMING_SETTINGS = tuple(SETTINGS_BY_NAME[name] for name in ("interval", "timeout", "jitter"))
+
+
 def derived_settings(env):
-    """The values the agent derives from `env` (as in settings_problems), for the role.
+    """The values the agent derives from the timing settings of `env`, for the role.
 
     {"interval": s, "timeout": s, "jitter": fraction, "watchdog_s": seconds for systemd's
-    WatchdogSec=}. The timeout is the one set, else default_timeout(interval). The watchdog
-    is four timeouts and at least a minute: the agent pings it while it waits and during
-    every exchange, which ends at the timeout; only a DNS lookup cannot be cut short, and
-    the margin leaves a slow resolver room without hiding a stuck loop for long. Raises
-    ValueError when settings_problems(env) is not empty.
+    WatchdogSec=}. Only STACKSENSE_INTERVAL, STACKSENSE_TIMEOUT and STACKSENSE_JITTER count
+    (the URL, the id and the rest need not be set). The timeout is the one set, else
+    default_timeout(interval). The watchdog is four timeouts and at least a minute: the agent
+    pings it while it waits and during every exchange, which ends at the timeout; only a DNS
+    lookup cannot be cut short, and the margin leaves a slow resolver room without hiding a
+    stuck loop for long. Raises ValueError with the first problem of those settings.
     """
-    problems = settings_problems(env)
+    config, sources, problems = env_settings(env, TIMING_SETTINGS)
+    if not problems and config["timeout"] >= config["interval"]:
+        problems = [timeout_problem(config, sources)]
     if problems:
         raise ValueError(problems[0])
-    values = {}
-    for name in ("interval", "timeout", "jitter"):
-        setting = SETTINGS_BY_NAME[name]
-        raw = str(env.get(setting.env) if env.get(setting.env) is not None else "").strip()
-        values[name] = setting.parse(raw) if raw else setting.default
-    if not str(env.get("STACKSENSE_TIMEOUT") or "").strip():
-        values["timeout"] = default_timeout(values["interval"])
+    values = {name: config[name] for name in ("interval", "timeout", "jitter")}
     values["watchdog_s"] = max(60, math.ceil(values["timeout"] * 4))
     return values
+
+
+def longest_silence_s(interval, timeout):
+    """(longest silence the server may see, longest beat) for this interval and timeout.
+
+    The retry policy (with_retries): a beat is one request, retried on a blip up to
+    MAX_ATTEMPTS_PER_BEAT times with backoff (BACKOFF_BASE_S doubling to BACKOFF_CAP_S),
+    each try ending at the timeout, and the beat ends before the next one is due. So after a
+    heartbeat that was heard, the next can arrive as late as one interval plus such a beat.
+    """
+    backoff = sum(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** n)
+                  for n in range(MAX_ATTEMPTS_PER_BEAT - 1))
+    beat = min(interval, MAX_ATTEMPTS_PER_BEAT * timeout + backoff)
+    return interval + beat, beat
+
+
+def offline_window_problem(env):
+    """Why the timing settings of `env` cannot keep the host online on the server, or None.
+
+    The server shows a host offline after SERVER_OFFLINE_AFTER_S without a heartbeat; the
+    longest silence (longest_silence_s) must fit inside. The message says the largest
+    interval that fits with the timeout as set (or its default for each interval). None too
+    when derived_settings() refuses the settings: settings_problems() says why.
+    """
+    try:
+        derived = derived_settings(env)
+    except ValueError:
+        return None
+    interval, timeout = derived["interval"], derived["timeout"]
+    longest, beat = longest_silence_s(interval, timeout)
+    if longest <= SERVER_OFFLINE_AFTER_S:
+        return None
+    timeout_set = bool(str(env.get("STACKSENSE_TIMEOUT") or "").strip())
+    fits = [i for i in range(1, int(SERVER_OFFLINE_AFTER_S) + 1)
+            if longest_silence_s(i, timeout if timeout_set else default_timeout(i))[0]
+            <= SERVER_OFFLINE_AFTER_S]
+    fix = f"set STACKSENSE_INTERVAL to at most {max(fits)}" if fits else "lower STACKSENSE_TIMEOUT"
+    return (f"interval (environment STACKSENSE_INTERVAL) is {interval:g} s with a timeout of "
+            f"{timeout:g} s: a beat that meets a blip retries for up to {beat:g} s "
+            f"({MAX_ATTEMPTS_PER_BEAT} tries), so the server could hear nothing for {longest:g} s, "
+            f"past the {SERVER_OFFLINE_AFTER_S:g} s after which it shows the host offline. "
+            f"Fix: {fix}.")
 
 
 def describe_config(config, sources):

@@ -323,7 +323,7 @@ def private_data_dir(work, hosts, key):
     for part in PROJECT_PARTS:
         src = ROOT / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, pdd / "project" / part)
-    # The project as the collection stacksense.fleet, as `make venv` links a clone.
+    # The project as the collection stacksense.fleet: the link the repository commits.
     link = pdd / "project" / ".collections" / "ansible_collections" / "stacksense" / "fleet"
     link.parent.mkdir(parents=True)
     link.symlink_to("../../..")

@@ -1,6 +1,5 @@
 """Shared fixtures: a scripted HTTP server on loopback, a fake clock, and the agent module."""
 
-import contextlib
 import http.server
 import importlib.util
 import json
@@ -23,10 +22,7 @@ COLLECTION_LINK = COLLECTIONS_DIR / "ansible_collections" / "stacksense" / "flee
 
 
 def collections_path():
-    """ANSIBLE_COLLECTIONS_PATH for the clone as stacksense.fleet (the link make venv makes)."""
-    COLLECTION_LINK.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        COLLECTION_LINK.symlink_to("../../..")
+    """ANSIBLE_COLLECTIONS_PATH for the clone as stacksense.fleet (the committed link)."""
     return str(COLLECTIONS_DIR)
 
 

@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 
 import yaml
-from conftest import load_module
+from conftest import COLLECTION_LINK, load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,6 +143,20 @@ def test_a_clone_runs_the_collections_own_plugins_and_the_artifact_carries_them(
     ignored = set(galaxy()["build_ignore"])
     assert ".collections" in ignored and "plugins" not in ignored
     assert (ROOT / "plugins" / "filter").is_dir()
+
+
+def test_a_checkout_is_the_collection_through_its_committed_link():
+    # What a plain `git clone` (an AWX project sync) gets, with no make run.
+    assert COLLECTION_LINK.is_symlink() and COLLECTION_LINK.resolve() == ROOT
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--stage", "--",
+                             str(COLLECTION_LINK.relative_to(ROOT))],
+                            capture_output=True, text=True, check=False)
+    if listed.returncode == 0:  # a git checkout, not an unpacked copy
+        mode, blob = listed.stdout.split()[:2]
+        assert mode == "120000", listed.stdout  # a symbolic link
+        target = subprocess.run(["git", "-C", str(ROOT), "cat-file", "blob", blob],
+                                capture_output=True, text=True, check=True).stdout
+        assert target == "../../.."
 
 
 def test_every_scenario_finds_the_clone_as_the_collection_and_installs_nothing_in_home():

@@ -419,10 +419,37 @@ def test_the_settings_check_needs_neither_requests_nor_side_effects():
         "assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL\n"
         "print(agent.settings_problems({'STACKSENSE_API_URL': 'https://x.example',"
         " 'STACKSENSE_SERVER_ID': 'x'}))\n"
-        "print(agent.derived_settings({'STACKSENSE_API_URL': 'https://x.example',"
-        " 'STACKSENSE_SERVER_ID': '1', 'STACKSENSE_INTERVAL': '15'}))\n")
+        "print(agent.derived_settings({'STACKSENSE_INTERVAL': '15'}))\n"
+        "print(agent.offline_window_problem({'STACKSENSE_INTERVAL': '600'}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "server_id (environment STACKSENSE_SERVER_ID) is 'x'" in done.stdout
-    assert "'timeout': 10.0" in done.stdout
+    assert "'timeout': 10.0" in done.stdout and "Fix: set STACKSENSE_INTERVAL" in done.stdout
+
+
+def test_the_derived_settings_need_only_the_timing_settings(agent_module):
+    derived = agent_module.derived_settings({"STACKSENSE_INTERVAL": "8"})
+    assert derived == {"interval": 8.0, "timeout": 4.0, "jitter": 0.1, "watchdog_s": 60}
+    # A URL or id the agent would refuse is not theirs to judge (settings_problems does).
+    assert agent_module.derived_settings({"STACKSENSE_API_URL": "ftp://x", "STACKSENSE_TIMEOUT":
+                                          "20"})["watchdog_s"] == 80
+    for env, named in (({"STACKSENSE_INTERVAL": "10", "STACKSENSE_TIMEOUT": "10"}, "timeout"),
+                       ({"STACKSENSE_JITTER": "0.9"}, "jitter")):
+        with pytest.raises(ValueError, match=named):
+            agent_module.derived_settings(env)
+
+
+def test_an_interval_whose_retried_beat_outlasts_the_offline_window_is_named_with_the_fix(
+        agent_module):
+    # 133 s + a beat of 4 tries of 10 s with 1 + 2 + 4 s of backoff = 180 s: just inside.
+    assert agent_module.offline_window_problem({"STACKSENSE_INTERVAL": "133"}) is None
+    problem = agent_module.offline_window_problem({"STACKSENSE_INTERVAL": "134"})
+    assert problem.startswith("interval (environment STACKSENSE_INTERVAL) is 134 s with a "
+                              "timeout of 10 s")
+    assert "181 s, past the 180 s" in problem
+    assert "Fix: set STACKSENSE_INTERVAL to at most 133" in problem
+    assert "at most 90" in agent_module.offline_window_problem(
+        {"STACKSENSE_INTERVAL": "100", "STACKSENSE_TIMEOUT": "30"})
+    # What derived_settings refuses is settings_problems' to say.
+    assert agent_module.offline_window_problem({"STACKSENSE_INTERVAL": "soon"}) is None

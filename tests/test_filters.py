@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import load_filters
+from conftest import AGENT_PATH, load_filters
 
 host_probe = load_filters("host_probe")["host_probe"]
 
@@ -164,6 +164,35 @@ def test_the_derived_timeout_and_watchdog_are_the_agents(agent_module):
         assert derived["timeout"] == agent_module.default_timeout(float(interval))
         assert derived["watchdog_s"] == max(60, math.ceil(derived["timeout"] * 4))
     assert agent_derived(role_table(dict(GOOD_ENV, STACKSENSE_TIMEOUT="20")))["watchdog_s"] == 80
+
+
+def test_the_expected_version_is_the_agents_own_line(agent_module):
+    agent_version = agent_settings["agent_version"]
+    assert agent_version(AGENT_PATH.read_text()) == agent_module.AGENT_VERSION
+    assert agent_version('x = 1\nAGENT_VERSION = "2.0.0-rc1"\n') == "2.0.0-rc1"
+    for text in ("", None, '  AGENT_VERSION = "1"', 'AGENT_VERSION = ""', "AGENT_VERSION = 1"):
+        assert agent_version(text) == ""
+
+
+def test_the_agent_trusts_the_roles_certificate_else_the_bundle_set_else_pips_host_store():
+    ca_bundle = agent_settings["agent_ca_bundle"]
+    own, system = "/opt/s/ca-certificates.pem", "/etc/ssl/certs/ca-certificates.crt"
+    assert ca_bundle("/etc/ssl/mine.pem", True, own, "pip", system) == own
+    assert ca_bundle("/etc/ssl/mine.pem", False, own, "pip", system) == "/etc/ssl/mine.pem"
+    assert ca_bundle("", False, own, "pip", system) == system
+    assert ca_bundle(None, False, own, "package", system) == ""  # Debian's requests: the store
+
+
+def test_the_packages_wanted_are_the_sources_and_crons_less_those_installed_in_order():
+    agent_packages = load_filters("host_probe")["agent_packages"]
+    table = {"package": ["python3", "python3-requests"],
+             "pip": ["python3", "python3-venv", "ca-certificates"], "cron": ["cron", "python3"]}
+    assert agent_packages(table, "package") == ["python3", "python3-requests"]
+    assert agent_packages(table, "pip", cron=True) == ["python3", "python3-venv",
+                                                        "ca-certificates", "cron"]
+    assert agent_packages(table, "pip", cron=True, installed=["python3", "cron"]) == [
+        "python3-venv", "ca-certificates"]
+    assert agent_packages(table, "package", installed=["python3", "python3-requests"]) == []
 
 
 # --- fleet_conflicts: hosts of one run that would report as one server -----------------------

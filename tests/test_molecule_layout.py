@@ -1,5 +1,6 @@
 """Molecule scenarios may run side by side (make molecule, MOLECULE_JOBS lanes): nothing shared."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -31,3 +32,22 @@ def test_no_two_scenarios_use_the_same_port_on_this_machine():
     assert owners, "found no scenario port at all"
     assert not shared, f"scenarios sharing a port cannot run side by side: {shared}"
 
+
+
+# Scenarios that check the test harness itself, run by hand (molecule/README.md).
+NOT_IN_MAKE_TEST = {"smoke", "coll-harness"}
+
+
+def test_make_test_runs_every_scenario_and_the_readme_describes_each():
+    """A scenario folded into another, or added, leaves or joins all three lists."""
+    scenarios = {config.parent.name for config in ROOT.glob("molecule/*/molecule.yml")}
+    makefile = (ROOT / "Makefile").read_text()
+    listed = re.search(r"(?m)^SCENARIOS \?= (.*)$", makefile).group(1).split()
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| Scenario | Proves |"):].split("\n\n", 1)[0]
+    described = re.findall(r"(?m)^\| `([\w-]+)` \| ", table)
+    assert len(listed) == len(set(listed)), f"Makefile's SCENARIOS names one twice: {listed}"
+    assert set(listed) == scenarios - NOT_IN_MAKE_TEST, (
+        f"Makefile's SCENARIOS {sorted(listed)}, molecule/ {sorted(scenarios)}")
+    assert set(listed) <= set(described) <= scenarios, (
+        f"README's scenario table {sorted(described)}, molecule/ {sorted(scenarios)}")

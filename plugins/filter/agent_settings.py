@@ -3,10 +3,11 @@
 The role keeps one table of the settings it passes to the agent (vars/main.yml,
 __stacksense_agent_settings: the environment variable, the Ansible variable that sets it
 and its value). The systemd unit and the cron file both render agent_env() of it; preflight
-asks agent_problems(), which runs the agent's own settings_problems() (agent/heartbeat_agent.py
-at the collection's root, loaded by path: the clone's and the installed collection's alike)
-and names the Ansible variable in each message; agent_derived() gives the timeout and the
-watchdog the agent derives, by the agent's rule.
+asks agent_problems(), which runs the agent's own settings_problems() and
+offline_window_problem() (agent/heartbeat_agent.py at the collection's root, loaded by path:
+the clone's and the installed collection's alike) and names the Ansible variable in each
+message; agent_derived() gives the timeout and the watchdog the agent derives, by the agent's
+own derived_settings().
 """
 
 import importlib.util
@@ -19,8 +20,8 @@ name: agent_problems
 short_description: What the heartbeat agent would refuse in the role's settings
 description:
   - Runs the agent's own C(settings_problems()) on the environment the role gives it, and
-    the offline-window check of its interval, timeout and retries; each message names the
-    Ansible variable.
+    its C(offline_window_problem()) (interval, timeout and retries against the server's
+    offline window); each message names the Ansible variable.
 positional: _input
 options:
   _input:
@@ -51,7 +52,7 @@ AGENT_PATH = Path(__file__).resolve().parents[2] / "agent" / "heartbeat_agent.py
 # "interval (environment STACKSENSE_INTERVAL)": how the agent names a setting it refuses.
 AGENT_SOURCE = re.compile(r"\b[a-z_]+ \(environment ([A-Z_]+)\)")
 ENV_NAME = re.compile(r"\b(?:STACKSENSE_[A-Z_]+|HTTPS?_PROXY|ALL_PROXY|https?_proxy|all_proxy)\b")
-TIMING = ("STACKSENSE_INTERVAL", "STACKSENSE_TIMEOUT", "STACKSENSE_JITTER")
+AGENT_VERSION_LINE = re.compile(r'^AGENT_VERSION = "([^"]+)"', re.MULTILINE)
 CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 _agents = {}
 
@@ -100,43 +101,6 @@ def _in_role_terms(agent, message, names):
     return message
 
 
-def offline_window_problem(agent, env, names):
-    """Why this interval cannot keep the host online on the server, or None.
-
-    The agent's policy: a beat is one request, retried on a blip up to
-    MAX_ATTEMPTS_PER_BEAT times with backoff (BACKOFF_BASE_S doubling to BACKOFF_CAP_S),
-    each try ending at the timeout, and the beat ends before the next one is due. So after
-    a heartbeat that was heard, the next can arrive as late as one interval plus such a
-    beat; the server must hear it inside SERVER_OFFLINE_AFTER_S.
-    """
-    try:
-        derived = agent.derived_settings(env)
-    except ValueError:
-        return None  # settings_problems() says why
-    interval, timeout = derived["interval"], derived["timeout"]
-    window = agent.SERVER_OFFLINE_AFTER_S
-
-    def silence(interval_s, timeout_s):
-        backoff = sum(min(agent.BACKOFF_CAP_S, agent.BACKOFF_BASE_S * 2 ** n)
-                      for n in range(agent.MAX_ATTEMPTS_PER_BEAT - 1))
-        beat = min(interval_s, agent.MAX_ATTEMPTS_PER_BEAT * timeout_s + backoff)
-        return interval_s + beat, beat
-
-    longest, beat = silence(interval, timeout)
-    if longest <= window:
-        return None
-    timeout_set = bool(_text(env.get("STACKSENSE_TIMEOUT")).strip())
-    fits = [i for i in range(1, int(window) + 1)
-            if silence(i, timeout if timeout_set else agent.default_timeout(i))[0] <= window]
-    fix = f"set {names['STACKSENSE_INTERVAL']} to at most {max(fits)}" if fits else (
-        f"lower {names['STACKSENSE_TIMEOUT']}")
-    return (f"{names['STACKSENSE_INTERVAL']} is {interval:g} s with a timeout of {timeout:g} s: "
-            f"a beat that meets a blip retries for up to {beat:g} s "
-            f"({agent.MAX_ATTEMPTS_PER_BEAT} tries), so the server could hear nothing for "
-            f"{longest:g} s, past the {window:g} s after which it shows the host offline. "
-            f"Fix: {fix}.")
-
-
 def agent_problems(settings, extra_env=None, agent_path=None):
     """What the agent would refuse in the role's settings, one line each, in role terms."""
     names = _variable_names(settings)
@@ -148,8 +112,8 @@ def agent_problems(settings, extra_env=None, agent_path=None):
     env = dict(agent_env(settings), **(extra_env or {}))
     problems += [_in_role_terms(agent, message, names) for message in agent.settings_problems(env)]
     if not problems:
-        window = offline_window_problem(agent, env, names)
-        problems += [window] if window else []
+        window = agent.offline_window_problem(env)
+        problems += [_in_role_terms(agent, window, names)] if window else []
     return problems
 
 
@@ -158,19 +122,37 @@ def agent_derived(settings, agent_path=None):
     from ansible.errors import AnsibleFilterError
 
     agent = load_agent(agent_path or AGENT_PATH)
-    # They depend on these alone; derived_settings() wants a whole configuration, so the
-    # others are stand-ins (preflight has judged the real ones, and a template test may
-    # render odd ones on purpose).
-    env = {name: value for name, value in agent_env(settings).items() if name in TIMING}
-    env.update(STACKSENSE_API_URL="https://stacksense.invalid", STACKSENSE_SERVER_ID="1")
     try:
-        return agent.derived_settings(env)
+        return agent.derived_settings(agent_env(settings))
     except ValueError as error:
         raise AnsibleFilterError(
             _in_role_terms(agent, str(error), _variable_names(settings))) from None
 
 
+def agent_version(source_text):
+    """The AGENT_VERSION of the agent's source text (a line `AGENT_VERSION = "..."`), or ''."""
+    match = AGENT_VERSION_LINE.search(_text(source_text))
+    return match.group(1) if match else ""
+
+
+def agent_ca_bundle(ca_bundle, certificate_installed, certificate_path, requests_source,
+                    system_bundle):
+    """STACKSENSE_CA_BUNDLE as the role sets it; '' leaves the choice to requests.
+
+    The role's copy of stacksense_ca_certificate when it installs one (where the sandboxed
+    service and the cron user can read it); else stacksense_ca_bundle when set; else, when
+    requests comes from pip, the host's store: pip's requests would trust its own certifi
+    copy, not the host's store (Debian's python3-requests uses the store already).
+    """
+    if certificate_installed:
+        return certificate_path
+    if _text(ca_bundle):
+        return _text(ca_bundle)
+    return system_bundle if requests_source == "pip" else ""
+
+
 class FilterModule:
     def filters(self):
         return {"agent_env": agent_env, "agent_problems": agent_problems,
-                "agent_derived": agent_derived}
+                "agent_derived": agent_derived, "agent_version": agent_version,
+                "agent_ca_bundle": agent_ca_bundle}

@@ -67,6 +67,17 @@ def host_probe(lines):
     return probe
 
 
+def agent_packages(packages, requests_source, cron=False, installed=None):
+    """The Debian packages the agent needs, in the table's order, less those `installed`.
+
+    `packages` is the role's table: the packages of each requests source (package, pip) and
+    those of cron; `installed` the probe's list (all are wanted when it is None).
+    """
+    wanted = list(packages[requests_source]) + (list(packages["cron"]) if cron else [])
+    wanted = [name for index, name in enumerate(wanted) if name not in wanted[:index]]
+    return [name for name in wanted if name not in (installed or ())]
+
+
 class FilterModule:
     def filters(self):
-        return {"host_probe": host_probe}
+        return {"host_probe": host_probe, "agent_packages": agent_packages}
