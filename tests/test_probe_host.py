@@ -3,6 +3,7 @@ stale-agent check that lets a run interrupted between installing new files and r
 agent converge (the next run restarts the agent that runs older files)."""
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -61,3 +62,27 @@ def test_no_running_agent_is_never_stale(tmp_path):
     os.utime(agent_file, (time.time() + 60,) * 2)
     for line in ("0 exited:exit status 78", "", "not-a-pid"):
         assert "stale=yes" not in probe(agent_file, line)
+
+
+def test_the_roles_own_process_command_names_the_running_cron_agent(tmp_path):
+    """What preflight passes (vars/main.yml's __stacksense_agent_process_cmd):
+    files/agent_process.sh run as `/bin/sh -c TEXT agent_process.sh process cron PID_FILE`,
+    here for a real process whose command line runs heartbeat_agent.py, as the cron-run
+    agent's does."""
+    agent = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()",
+                              "heartbeat_agent.py"], stdin=subprocess.PIPE)
+    try:
+        pid_file = tmp_path / "agent.pid"
+        pid_file.write_text(f"{agent.pid}\n")
+        script = (ROOT / "roles" / "stacksense_agent" / "files" / "agent_process.sh").read_text()
+        command = f"/bin/sh -c {shlex.quote(script)} agent_process.sh process cron {pid_file}"
+        agent_file = tmp_path / "heartbeat_agent.py"
+        agent_file.write_text("new\n")
+        os.utime(agent_file, (time.time() + 60,) * 2)
+        env = {"PATH": os.environ["PATH"], "STACKSENSE_PROBE_KEPT": str(agent_file),
+               "STACKSENSE_PROBE_PROCESS_CMD": command}
+        out = subprocess.run(["/bin/sh", str(PROBE)], env=env, capture_output=True, text=True,
+                             check=True).stdout
+        assert "stale=yes" in out.splitlines()
+    finally:
+        agent.communicate(b"")
