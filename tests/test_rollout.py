@@ -50,13 +50,22 @@ def test_unreachable_hosts_and_long_messages():
     assert len(failed(["stacksense_install"], "y" * 5000)["reason"]) == rollout.REASON_LENGTH
 
 
+def verified(version):
+    """The role's last verification probe, as registered: the process, then the state file."""
+    state = {"pid": 42, "agent_version": version, "consecutive_failures": 0}
+    return {"rc": 0, "stdout_lines": ["42 running", json.dumps(state)]}
+
+
 def test_deployed_only_when_something_changed():
-    assert rollout.rollout_done([{"changed": False}, {}], "1.2.0") == {
+    assert rollout.rollout_done([{"changed": False}, {}], verified("1.2.0")) == {
         "outcome": "unchanged", "reason": "agent 1.2.0 already running"}
-    assert rollout.rollout_done([{"changed": False}, {"changed": True}], "1.2.0") == {
+    assert rollout.rollout_done([{"changed": False}, {"changed": True}], verified("1.2.0")) == {
         "outcome": "deployed", "reason": "agent 1.2.0 verified"}
-    assert rollout.rollout_done([{"changed": True}], "1.2.0", True)["reason"] == (
-        "check mode: would deploy agent 1.2.0")
+    # Check mode and stacksense_verify: false run no verification: no version to name.
+    assert rollout.rollout_done([{"changed": True}], {}, True)["reason"] == (
+        "check mode: would deploy the agent")
+    assert rollout.rollout_done([{"changed": True}], {"stdout_lines": ["0 exited", "{"]}) == {
+        "outcome": "deployed", "reason": "deployed"}
 
 
 def batch(*outcomes):

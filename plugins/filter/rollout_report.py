@@ -15,6 +15,8 @@ A host where StackSense's push agent runs is left alone by the role (it ends the
 and says why in __stacksense_push_agent_left_alone): neither skipped nor failed.
 """
 
+import json
+
 DOCUMENTATION = r"""
 name: rollout_report
 short_description: The summary of a rollout of deploy.yml, per host and in counts
@@ -114,15 +116,29 @@ def rollout_failed(task, result, host=""):
     return {"outcome": outcome, "reason": reason}
 
 
-def rollout_done(changes, version="", check_mode=False):
-    """The outcome of a host the role went through: deployed when it changed anything."""
+def verified_version(probe):
+    """The agent version the role's verification saw: its last probe (registered
+    __stacksense_probe: "PID running", then the agent's state file as JSON), '' without one
+    (check mode, stacksense_verify off)."""
+    lines = (probe.get("stdout_lines") or []) if isinstance(probe, dict) else []
+    try:
+        state = json.loads(" ".join(lines[1:])) if len(lines) > 1 else {}
+    except ValueError:
+        return ""
+    return str(state.get("agent_version") or "") if isinstance(state, dict) else ""
+
+
+def rollout_done(changes, probe=None, check_mode=False):
+    """The outcome of a host the role went through: deployed when it changed anything.
+    probe: the role's last verification probe (verified_version reads the version from it)."""
     changed = any(isinstance(r, dict) and r.get("changed") for r in changes or [])
+    version = verified_version(probe)
+    agent = f"agent {version}" if version else "the agent"
     if changed and check_mode:
-        return {"outcome": "deployed", "reason": "check mode: would deploy agent " + version}
+        return {"outcome": "deployed", "reason": f"check mode: would deploy {agent}"}
     if changed:
-        return {"outcome": "deployed",
-                "reason": f"agent {version} verified" if version else "deployed"}
-    return {"outcome": "unchanged", "reason": f"agent {version} already running" if version else ""}
+        return {"outcome": "deployed", "reason": f"{agent} verified" if version else "deployed"}
+    return {"outcome": "unchanged", "reason": f"{agent} already running" if version else ""}
 
 
 def _percent(value):
