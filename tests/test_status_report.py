@@ -39,7 +39,8 @@ def state_file(pid=100, success_age=5, failures=0, error=None, version="1.1.0", 
 
 
 def probe(manager="systemd", active="active", pid=100, interval="5", agent="1.1.0",
-          state=None):
+          state=None, names=("push_agent=", "legacy_version=")):
+    """The probe's answer; `names` are files/probe_host.sh's lines about the other names."""
     lines = [f"manager={manager}", f"now={NOW}", f"agent={agent}", "expected=1.1.0"]
     if manager == "systemd":
         sub = "running" if active == "active" else "dead"
@@ -49,6 +50,7 @@ def probe(manager="systemd", active="active", pid=100, interval="5", agent="1.1.
         lines.append(f"MainPID={pid}")
     if manager:
         lines.append(f"interval={interval}")
+    lines += names
     lines.append("state:")
     if state is not None:
         lines.append(state)
@@ -74,6 +76,18 @@ CASES = {
     "old-and-failing": probe(agent="1.0.0", state=state_file(version="1.0.0", success_age=60,
                                                              failures=4, error="HTTP 500")),
     "cron": probe(manager="cron", pid=200, state=state_file(pid=200)),
+    # role 1.1.0's agent under StackSense's push-agent names, as files/probe_host.sh finds it
+    "moved-not-yet": probe(manager="", names=("legacy_unit=yes", "push_agent=",
+                                              "legacy_version=1.1.0")),
+    "moved-not-yet-cron": probe(manager="", names=("push_agent=", "legacy_cron=yes",
+                                                   "legacy_version=1.1.0")),
+    # StackSense's own push agent: alone, beside ours, and alone where ours was asked for
+    "push": probe(manager="", names=("push_agent=/opt/stacksense-agent/stacksense_agent.py",
+                                     "legacy_version=")),
+    "push-and-ours": probe(state=state_file(), names=(
+        "push_agent=/etc/systemd/system/stacksense-agent.service", "legacy_version=")),
+    "push-ours-missing": probe(manager="", names=(
+        "push_agent=/opt/stacksense-agent/stacksense_agent.py", "legacy_version=")),
     # raw over SSH runs on a terminal, where systemctl may colour its answer
     "coloured": dict(probe(state=state_file()), stdout=probe(state=state_file())["stdout"]
                      .replace("ActiveState=active", "ActiveState=active\x1b[m")
@@ -88,6 +102,7 @@ def fleet():
     hostvars = {name: {"__stacksense_status_login": result,
                        "stacksense_api_token": TOKEN if name == "failing" else ""}
                 for name, result in CASES.items()}
+    hostvars["push-ours-missing"]["stacksense_beside_push_agent"] = True
     play_vars = status_vars()
     report = status_report(hostvars, list(CASES), play_vars["__stacksense_status_order"],
                            play_vars["__stacksense_status_names"])
@@ -145,6 +160,47 @@ def test_a_host_without_unit_or_cron_entry_is_not_installed(fleet):
     assert state(fleet, "bare") == "not_installed"
 
 
+def test_a_host_still_on_the_old_names_of_role_1_1_0_is_told_to_run_deploy(fleet):
+    for host, where in (("moved-not-yet", "stacksense-agent.service"),
+                        ("moved-not-yet-cron", "/etc/cron.d/stacksense-agent")):
+        record = fleet["hosts"][host]
+        assert (record["state"], record["ok"]) == ("old_names", False)
+        assert record["reason"] == (f"1.1.0 under the old names ({where}): "
+                                    "run deploy.yml to move it")
+    assert ("moved-not-yet: old_names: 1.1.0 under the old names (stacksense-agent.service): "
+            "run deploy.yml to move it") in fleet["lines"]
+
+
+def test_a_host_with_only_the_push_agent_is_named_and_does_not_fail_the_run(fleet):
+    record = fleet["hosts"]["push"]
+    assert (record["state"], record["ok"]) == ("push_agent", True)
+    assert record["push_agent"] == "/opt/stacksense-agent/stacksense_agent.py"
+    assert ("push: push_agent: StackSense push agent present (left alone): "
+            "/opt/stacksense-agent/stacksense_agent.py") in fleet["lines"]
+
+
+def test_the_push_agent_beside_ours_is_named_on_the_hosts_line(fleet):
+    assert state(fleet, "push-and-ours") == "healthy"
+    line = next(line for line in fleet["lines"] if line.startswith("push-and-ours:"))
+    assert line.endswith("; StackSense push agent present (left alone)")
+
+
+def test_ours_missing_beside_the_push_agent_when_asked_for_is_not_installed(fleet):
+    record = fleet["hosts"]["push-ours-missing"]
+    assert (record["state"], record["ok"]) == ("not_installed", False)
+    assert "StackSense push agent present (left alone)" in record["reason"]
+
+
+def test_a_fleet_of_healthy_and_push_agent_hosts_passes(fleet):
+    hostvars = {name: {"__stacksense_status_login": CASES[name]}
+                for name in ("fresh", "cron", "push")}
+    play_vars = status_vars()
+    report = status_report(hostvars, list(hostvars), play_vars["__stacksense_status_order"])
+    assert report["summary"]["healthy"]
+    assert report["text"][-1] == ("All hosts are healthy or run StackSense's push agent "
+                                  "(left alone).")
+
+
 def test_a_healthy_agent_of_another_version_is_outdated(fleet):
     host = fleet["hosts"]["old"]
     assert host["state"] == "outdated"
@@ -165,10 +221,13 @@ def test_passwords_bearer_tokens_and_the_hosts_token_are_masked_everywhere(fleet
 
 def test_the_summary_counts_every_state_in_the_documented_order(fleet):
     summary = fleet["summary"]
-    assert summary["counts"] == {"healthy": 5, "failing": 2, "stale": 4, "not_running": 2,
-                                 "not_installed": 1, "outdated": 1, "unreachable": 1}
+    assert summary["counts"] == {"healthy": 6, "failing": 2, "stale": 4, "not_running": 2,
+                                 "old_names": 2, "push_agent": 1, "not_installed": 2,
+                                 "outdated": 1, "unreachable": 1}
     assert summary["total"] == len(CASES) and not summary["healthy"]
-    assert fleet["text"][0].endswith(": 5 healthy, 2 failing, 4 stale, 2 not_running, "
-                                     "1 not_installed, 1 outdated, 1 unreachable")
+    assert fleet["text"][0].endswith(": 6 healthy, 2 failing, 4 stale, 2 not_running, "
+                                     "2 old_names, 1 push_agent, 2 not_installed, 1 outdated, "
+                                     "1 unreachable")
+    assert f"{len(CASES) - 7} host(s) not healthy." == fleet["text"][-1]
     assert "failing (2): failing, old-and-failing" in fleet["text"]
     assert len(fleet["lines"]) == len(CASES)

@@ -16,8 +16,8 @@ name: status_report
 short_description: Classify the hosts of a status.yml run and summarise the fleet
 description:
   - From each host's status probe, the host's state (healthy, failing, stale, not_running,
-    not_installed, outdated, unreachable), its record for the JSON report, its line, and the
-    fleet summary.
+    old_names, push_agent, not_installed, outdated, unreachable), its record for the JSON
+    report, its line, and the fleet summary.
 positional: _input, hosts, order, names_shown
 options:
   _input:
@@ -63,6 +63,14 @@ WHOLE_NUMBER = re.compile(r"[0-9]+\Z")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 DEFAULT_INTERVAL_S = 30.0
 FRESH_INTERVALS = 3
+# States that do not fail the run: an agent that reports, and a host that deploy.yml leaves
+# alone because StackSense's push agent already keeps it online.
+OK_STATES = ("healthy", "push_agent")
+PUSH_AGENT_LEFT_ALONE = "StackSense push agent present (left alone)"
+# The probe's keys for role 1.1.0's agent under the old names, and those names.
+LEGACY_NAMES = {"legacy_unit": "stacksense-agent.service",
+                "legacy_cron": "/etc/cron.d/stacksense-agent"}
+TRUE_WORDS = ("true", "yes", "on", "1")
 
 
 def _text(value):
@@ -101,7 +109,7 @@ def parse_answer(stdout):
     out = stdout.replace("\r", "")
     head = out[:STATE_LINE.search(out).start()]
     body = out[STATE_LINE.search(out).end():].strip()
-    kv = dict(line.split("=", 1) for line in head.split("\n") if re.match(r"[A-Za-z]+=", line))
+    kv = dict(line.split("=", 1) for line in head.split("\n") if re.match(r"[A-Za-z_]+=", line))
     state = {}
     if body.startswith("{"):
         try:
@@ -111,7 +119,28 @@ def parse_answer(stdout):
     return kv, state if isinstance(state, dict) else {"unreadable": True}
 
 
-def classify(kv, st, token):
+def without_agent(kv, beside_push_agent):
+    """(state, reason) of a host without stacksense-heartbeat's unit or cron entry.
+
+    Role 1.1.0's agent under the old names (StackSense's push-agent names, recognised as ours
+    because it runs heartbeat_agent.py) needs a deploy to move it. A host with StackSense's
+    push agent is left alone by deploy.yml unless stacksense_beside_push_agent asks for ours
+    too: then ours is missing.
+    """
+    old = [name for key, name in LEGACY_NAMES.items() if kv.get(key) == "yes"]
+    push_agent = kv.get("push_agent", "")
+    if old:
+        return "old_names", (f"{kv.get('legacy_version') or '?'} under the old names "
+                             f"({', '.join(old)}): run deploy.yml to move it")
+    if push_agent and not beside_push_agent:
+        return "push_agent", f"{PUSH_AGENT_LEFT_ALONE}: {push_agent}"
+    reason = "no stacksense-heartbeat unit or cron entry"
+    if push_agent:
+        reason += f"; {PUSH_AGENT_LEFT_ALONE}, stacksense_beside_push_agent is true"
+    return "not_installed", reason
+
+
+def classify(kv, st, token, beside_push_agent=False):
     """(state, reason, record fields, line tail) of a host that answered the probe."""
     manager = kv.get("manager", "")
     pid = _int(kv.get("MainPID", "0"))
@@ -158,11 +187,12 @@ def classify(kv, st, token):
             reason = "cron mode, no agent process (pid file)"
         reason += f"; last error: {error}" if error else ""
     elif not running:
-        state, reason = "not_installed", "no stacksense-heartbeat unit or cron entry"
+        state, reason = without_agent(kv, beside_push_agent)
     else:
         state, reason = "outdated", f"runs agent {_text(version)}, expected {_text(expected or '')}"
     record = {
-        "state": state, "reason": reason, "manager": manager or None, "running": running,
+        "state": state, "ok": state in OK_STATES, "reason": reason, "manager": manager or None,
+        "running": running, "push_agent": kv.get("push_agent") or None,
         "pid": pid if running else None,
         "restarts": int(kv["NRestarts"]) if WHOLE_NUMBER.match(kv.get("NRestarts", "")) else None,
         "version": version or None, "expected_version": expected, "interval": interval,
@@ -188,6 +218,8 @@ def _line_tail(kv, st, manager, running, pid, version, age):
         tail += (f", server {st.get('server_name') or '?'} (id {st.get('server_id') or '?'}), "
                  f"{_text(st.get('mode', '?'))} API, last success {last}, "
                  f"{_text(st.get('consecutive_failures', '?'))} failure(s) in a row")
+    if kv.get("push_agent"):
+        tail += f"; {PUSH_AGENT_LEFT_ALONE}"
     return tail
 
 
@@ -196,15 +228,16 @@ def host_status(host_vars, host):
     root = host_vars.get("__stacksense_status_root") or {"skipped": True}
     probe = (host_vars.get("__stacksense_status_login") or {}) if root.get("skipped") else root
     token = _text(host_vars.get("stacksense_api_token") or "").strip()
+    beside = _text(host_vars.get("stacksense_beside_push_agent", False)).lower() in TRUE_WORDS
     out = TERMINAL_ESCAPE.sub("", _text(probe.get("stdout", "")).replace("\r", ""))
     if probe.get("unreachable") or not STATE_LINE.search(out):
         why = mask(f"{_text(probe.get('msg', 'no answer'))} {_text(probe.get('stderr', ''))}",
                    token)
         why = re.sub(r"^Task failed: ", "", why)
-        return ({"state": "unreachable", "reason": truncate(why, 300)},
+        return ({"state": "unreachable", "ok": False, "reason": truncate(why, 300)},
                 f"{host}: unreachable: {truncate(why, 200)}", None)
     kv, st = parse_answer(out)
-    record, tail = classify(kv, st, token)
+    record, tail = classify(kv, st, token, beside)
     state = record["state"]
     said = "" if state == "healthy" else f": {truncate(record['reason'], 200)}"
     line = f"{host}: {state}{said}{tail}"
@@ -212,17 +245,25 @@ def host_status(host_vars, host):
 
 
 def summary_text(total, expected, counts, names, names_shown):
-    """The headline, one line per state that is not healthy and has hosts, the verdict."""
+    """The headline, one line per state that is not healthy and has hosts, the verdict.
+
+    The run is fine (bad == 0) when every host is in one of OK_STATES.
+    """
     lines = []
     for state, these in names.items():
         if state != "healthy" and these:
             more = len(these) - names_shown
             lines.append(f"{state} ({len(these)}): {', '.join(these[:names_shown])}"
                          + (f", and {more} more" if more > 0 else ""))
-    bad = total - counts.get("healthy", 0)
+    bad = total - sum(counts.get(state, 0) for state in OK_STATES)
     headline = (f"StackSense agents: {total} host(s), expected agent {expected or '?'}: "
                 + ", ".join(f"{count} {state}" for state, count in counts.items()))
-    verdict = "All hosts are healthy." if bad == 0 else f"{bad} host(s) not healthy."
+    if bad:
+        verdict = f"{bad} host(s) not healthy."
+    elif counts.get("push_agent"):
+        verdict = "All hosts are healthy or run StackSense's push agent (left alone)."
+    else:
+        verdict = "All hosts are healthy."
     return [headline, *lines, verdict], bad
 
 
