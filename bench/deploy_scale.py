@@ -70,12 +70,18 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 ALL_IN_ONE_BATCH = {"stacksense_serial": ["100%"]}
 PLAYBOOKS = {"role": Path("playbooks") / "deploy.yml", "baseline": Path("bench") / "baseline.yml"}
-TREE_PARTS = ["ansible.cfg", "agent", "roles", "playbooks"]
+# The repository is the collection stacksense.fleet (the playbooks name
+# stacksense.fleet.stacksense_agent; the role's filters are its plugins): a snapshot needs the
+# collection's files and the committed link .collections/ansible_collections/stacksense/fleet.
+TREE_PARTS = ["ansible.cfg", "galaxy.yml", "meta", "agent", "roles", "playbooks", "plugins",
+              ".collections"]
 
 
 # No configuration file: Ansible's defaults, as for a user of the installed collection. Only
-# the role's location is given ({tree} is the snapshot the run uses, {work} WORK).
-NO_CONFIG = {"ANSIBLE_CONFIG": "{work}/empty.cfg", "ANSIBLE_ROLES_PATH": "{tree}/roles"}
+# the collection's location is given, as an installed collection's would be ({tree} is the
+# snapshot the run uses, {work} WORK).
+NO_CONFIG = {"ANSIBLE_CONFIG": "{work}/empty.cfg",
+             "ANSIBLE_COLLECTIONS_PATH": "{tree}/.collections"}
 
 
 def variant(playbook, serial=ALL_IN_ONE_BATCH, env=None, note="", conn="podman"):
@@ -341,7 +347,10 @@ def snapshot(rev):
         tree.mkdir(parents=True)
         for part in TREE_PARTS:
             src = ROOT / part
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tree / part)
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, tree / part, symlinks=True)  # the link points up the tree
+            else:
+                shutil.copy2(src, tree / part, follow_symlinks=False)
     else:
         sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout.strip()
