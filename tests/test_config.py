@@ -411,12 +411,14 @@ def test_the_derived_timeout_is_the_one_the_agent_uses(agent_module):
 def test_the_settings_check_needs_neither_requests_nor_side_effects():
     code = (
         "import importlib.util, signal, sys\n"
+        # as found: SIG_IGN under nohup, SIG_DFL otherwise; importing must not change it
+        "sighup = signal.getsignal(signal.SIGHUP)\n"
         "sys.modules['requests'] = None\n"  # import requests now raises ImportError
         "sys.modules['urllib3'] = None\n"
         f"spec = importlib.util.spec_from_file_location('agent', {str(AGENT_PATH)!r})\n"
         "agent = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(agent)\n"
-        "assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL\n"
+        "assert signal.getsignal(signal.SIGHUP) is sighup\n"
         "print(agent.settings_problems({'STACKSENSE_API_URL': 'https://x.example',"
         " 'STACKSENSE_SERVER_ID': 'x'}))\n"
         "print(agent.derived_settings({'STACKSENSE_INTERVAL': '15'}))\n"
