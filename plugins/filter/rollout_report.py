@@ -145,9 +145,7 @@ def _percent(value):
     try:
         percent = float(str(value).strip().rstrip("%"))
     except ValueError:
-        raise ValueError(
-            f"stacksense_max_skipped_percent is {value!r}, expected a number from 0 to 100. "
-            "Fix: set it, e.g. 25.") from None
+        percent = float("nan")  # refused below, with the same message
     if not 0 <= percent <= 100:
         raise ValueError(
             f"stacksense_max_skipped_percent is {value!r}, expected a number from 0 to 100. "
