@@ -36,6 +36,19 @@ def test_a_failure_of_the_new_agent_is_the_versions():
     assert "failed on 1 host(s)" in rollout.rollout_batch_verdict([first_deploy], 25)
 
 
+def test_a_rollback_is_named_however_long_the_agents_last_error():
+    # The agent's last error may carry a server's whole error page (an HTML 404 here, as
+    # bench/fleet_rollout.py's bad version met): the rollback note comes after it.
+    page = "<!doctype html> <html> <head> <title>Not Found</title> </head> " + "x" * 400
+    said = (f"web-01: no heartbeat from stacksense-heartbeat 9.9.9 (the running process) was "
+            f"accepted within 30 s; last error: HTTP 404: {page} (check STACKSENSE_API_URL).")
+    rolled_back = failed(["stacksense_verify"], said + " rolled back to agent 1.2.0, which "
+                                                       "heartbeats again")
+    assert rolled_back["outcome"] == "rolled back"
+    assert len(rolled_back["reason"]) == rollout.REASON_LENGTH
+    assert failed(["stacksense_verify"], said + " Nothing to roll back to")["outcome"] == "failed"
+
+
 def test_unreachable_hosts_and_long_messages():
     assert rollout.rollout_unreachable(
         {"unreachable": True, "msg": "ssh: connect to host 10.0.0.9 port 22:\nNo route"}) == {

@@ -107,7 +107,10 @@ def rollout_failed(task, result, host=""):
     if result.get("unreachable"):
         outcome = "unreachable"
     elif any(tag in VERSION_STEPS for tag in tags):
-        outcome = "rolled back" if "rolled back to agent" in reason else "failed"
+        # The whole message: the rollback note follows the agent's last error, which may be
+        # a server's whole error page, past the reason's bound.
+        whole = " ".join(str(result.get("msg") or "").split())
+        outcome = "rolled back" if "rolled back to agent" in whole else "failed"
     elif any(tag in REFUSAL_STEPS for tag in tags):
         outcome = "refused"
     else:
