@@ -36,7 +36,7 @@ prereqs:
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/vermin --no-tips --violations --target=3.6- agent/heartbeat_agent.py \
-		receiver/stacksense_receiver.py
+		receiver/stacksense_receiver.py plugins/modules/agent_files.py
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
 	$(BIN)/antsibull-changelog lint
