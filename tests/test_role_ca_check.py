@@ -1,4 +1,4 @@
-"""The role's check of stacksense_ca_certificate (files/check_ca_certificate.py), run on
+"""The role's check of stacksense_ca_certificate (plugins/filter/ca_certificate.py), run on
 the controller before a host is touched, against certificates made for the test."""
 
 import datetime
@@ -11,8 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-FILTER_PATH = (Path(__file__).resolve().parents[1] / "roles" / "stacksense_agent"
-               / "files" / "check_ca_certificate.py")
+FILTER_PATH = Path(__file__).resolve().parents[1] / "plugins" / "filter" / "ca_certificate.py"
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
 
 

@@ -1,11 +1,10 @@
 """What is wrong with PEM text meant as CA certificates (stacksense_ca_certificate).
 
-tasks/preflight.yml runs it on the controller, before the host is touched, with the PEM text
-on standard input; it prints "" when the text is usable, else a phrase for the preflight
-message ("holds no certificate ...", "certificate 2 (CN=...) expired on ..."), and exits 0
-either way, so a bad value gives a clear message rather than an error. A script, not a filter
-plugin: a role inside a collection cannot carry plugins, and this one works from a checkout
-and from the installed collection alike. Certificates are parsed with `cryptography`, which
+tasks/preflight.yml's variable check calls it on the controller, before the host is touched;
+it gives "" when the text is usable, else a phrase for the preflight message ("holds no
+certificate ...", "certificate 2 (CN=...) expired on ..."), so a bad value gives a clear
+message rather than an error. A filter, not a task: at fleet scale every task costs each host
+a worker (docs/DEPLOY_BENCHMARKS.md). Certificates are parsed with `cryptography`, which
 ansible-core itself requires, so the controller needs nothing more.
 """
 
@@ -13,7 +12,32 @@ import base64
 import binascii
 import datetime
 import re
-import sys
+
+DOCUMENTATION = r"""
+name: ca_certificate_problem
+short_description: What is wrong with PEM text meant as CA certificates
+description:
+  - V("") when the text holds at least one PEM certificate and every certificate in it parses
+    and has not expired; else a phrase saying what is wrong, for preflight's message.
+positional: _input
+options:
+  _input:
+    description: The PEM text (stacksense_ca_certificate).
+    type: raw
+    required: true
+version_added: 1.2.0
+author: StackSense
+"""
+
+EXAMPLES = r"""
+problem: "{{ stacksense_ca_certificate | stacksense.fleet.ca_certificate_problem }}"
+"""
+
+RETURN = r"""
+_value:
+  description: V("") or what is wrong.
+  type: str
+"""
 
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
 BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]*\Z")
@@ -76,5 +100,6 @@ def ca_certificate_problem(text, now=None):
     return ""
 
 
-if __name__ == "__main__":
-    print(ca_certificate_problem(sys.stdin.read()))
+class FilterModule:
+    def filters(self):
+        return {"ca_certificate_problem": ca_certificate_problem}
