@@ -174,8 +174,9 @@ def ssh_key():
 
 
 def ensure_ssh_image(base):
-    """`base` plus openssh-server, sshd enabled (scripts/testhost.py); keys go in at start."""
-    return testhost.ensure_ssh_image(base)
+    """`base` plus openssh-server, sshd enabled (scripts/testhost.py); keys go in at start.
+    The seeded image keeps its apt lists and .debs (testhost's images drop theirs)."""
+    return testhost.ensure_ssh_image(base, keep_apt=base == SEEDED_IMAGE)
 
 
 def our_containers(prefix=PREFIX):

@@ -138,7 +138,7 @@ class Fleet:
     def start(self):
         ds.WORK.mkdir(parents=True, exist_ok=True)
         ds.ensure_seeded_image()
-        testhost.ensure_ssh_image(ds.SEEDED_IMAGE)
+        ds.ensure_ssh_image(ds.SEEDED_IMAGE)
         pub = str(ds.ssh_key().with_suffix(".pub"))
 
         def one(item):

@@ -104,8 +104,11 @@ def _owned(name, labels):
     return all(have.get(k) == v for k, v in (label.split("=", 1) for label in labels))
 
 
-def ensure_ssh_image(base):
-    """BASE plus openssh-server, sshd enabled at boot: `BASE-ssh`, built once and reused."""
+def ensure_ssh_image(base, keep_apt=False):
+    """BASE plus openssh-server, sshd enabled at boot: `BASE-ssh`, built once and reused.
+
+    keep_apt: keep the apt lists and downloaded .debs (an image seeded with them for the
+    benchmarks, bench/deploy_scale.py), else they are removed as in the test images."""
     if base.endswith("-ssh"):  # made here already
         return base
     image = base + "-ssh"
@@ -119,8 +122,9 @@ def ensure_ssh_image(base):
                "export DEBIAN_FRONTEND=noninteractive; apt-get -q update >/dev/null; "
                "apt-get -qy install openssh-server >/dev/null; "
                "systemctl enable ssh.service >/dev/null 2>&1; "
-               "rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; "
-               "touch -d @0 /var/lib/apt/lists")
+               + ("true" if keep_apt else
+                  "rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; "
+                  "touch -d @0 /var/lib/apt/lists"))
         podman("commit", "--quiet", "--change", f"LABEL {SSH_LABEL}=true", name, image)
     finally:
         podman("rm", "-f", "-t", "0", name, check=False)
