@@ -186,3 +186,21 @@ def test_a_thousand_hosts_fit_on_one_screen():
     assert max(len(line) for line in lines) <= 100 + 40
     assert len(lines) < 25
     assert report["counts"]["deployed"] == 950
+
+
+def test_unreachable_hosts_share_one_line_whatever_their_address():
+    records = {
+        f"web-{n:02d}": {"outcome": "unreachable",
+                         "reason": f"ssh: connect to host 10.0.0.{n} port 22: No route to host"}
+        for n in range(1, 31)
+    }
+    records["db-01"] = {"outcome": "unreachable",
+                        "reason": "ssh: connect to host 10.0.1.1 port 2222: Connection refused"}
+    report = rollout.rollout_report(records)
+    lines = [line for line in report["summary"] if line.startswith("unreachable")]
+    assert lines[0].startswith("unreachable (30), ssh: connect to host (its address) port 22: "
+                               "No route to host: web-01, web-02")
+    assert lines[-1] == ("unreachable (1), ssh: connect to host (its address) port 2222: "
+                         "Connection refused: db-01")
+    assert report["hosts"]["web-07"]["reason"] == (
+        "ssh: connect to host 10.0.0.7 port 22: No route to host")

@@ -16,6 +16,7 @@ and says why in __stacksense_push_agent_left_alone): neither skipped nor failed.
 """
 
 import json
+import re
 
 DOCUMENTATION = r"""
 name: rollout_report
@@ -69,6 +70,7 @@ OUTCOMES = ("deployed", "unchanged", LEFT_ALONE, "unreachable", "refused", "brok
 FINISHED = ("deployed", "unchanged", LEFT_ALONE)
 SKIPPED = ("unreachable", "refused", "broken")
 VERSION_FAILURES = ("rolled back", "failed")
+SSH_ADDRESS = re.compile(r"(connect to host )\S+( port \d+)")
 REASON_LENGTH = 300
 # Hosts that need nothing more (deployed, unchanged, not attempted) are named in the printed
 # summary up to this many; beyond, only in the JSON report. Every other host is always named.
@@ -236,12 +238,19 @@ def rollout_report(records, stopped="", width=100):
             continue
         by_reason = {}
         for host in names:
-            by_reason.setdefault(hosts[host]["reason"], []).append(host)
+            by_reason.setdefault(_shared(hosts[host]["reason"]), []).append(host)
         for reason, group in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
             lines.extend(_wrapped(f"{outcome} ({len(group)}), {reason}: ", group, width))
     incomplete = [h for h, r in hosts.items() if r["outcome"] not in FINISHED]
     return {"counts": counts, "stopped": stopped or None, "hosts": hosts,
             "incomplete": incomplete, "summary": lines}
+
+
+def _shared(reason):
+    """A reason as hosts share it in the summary: SSH names each host's own address ("ssh:
+    connect to host 10.0.0.7 port 22: No route to host"), which would give each unreachable
+    host a line of its own; the JSON report keeps the address."""
+    return SSH_ADDRESS.sub(r"\1(its address)\2", reason)
 
 
 def _wrapped(head, names, width):
