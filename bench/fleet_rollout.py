@@ -364,8 +364,18 @@ def main(argv=None):
         fleet.stop()
         result["cleanup_s"] = round(time.monotonic() - stop_began, 1)
         result["total_s"] = round(time.monotonic() - began, 1)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(result, indent=1))
+        save(result, args.results)
+    return verdict(result, checks)
+
+
+def save(result, path):
+    """The whole result as JSON (also when the run was cut short)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
+def verdict(result, checks):
+    """Print the result without the checks' detail and say how many passed: exit status."""
     print(json.dumps({k: v for k, v in result.items() if k != "checks"}, indent=1))
     failed = [c for c in checks if not c["ok"]]
     log(f"{len(checks) - len(failed)} of {len(checks)} checks passed")

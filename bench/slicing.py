@@ -213,12 +213,8 @@ def main(argv=None):
         check(checks, f"... with the old version {version}", not still, still)
     finally:
         fleet.stop()
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "checks"}, indent=1))
-    failed = [c for c in checks if not c["ok"]]
-    log(f"{len(checks) - len(failed)} of {len(checks)} checks passed")
-    return 1 if failed else 0
+        fr.save(result, args.results)
+    return fr.verdict(result, checks)
 
 
 if __name__ == "__main__":
