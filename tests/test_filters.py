@@ -55,6 +55,36 @@ def test_an_empty_or_missing_answer_gives_empty_facts_and_lists():
                                       "packages": []}
 
 
+host_problems = load_filters("host_probe")["host_problems"]
+GOOD_HOST = {"pid1": "systemd", "systemd": "252", "os": "debian ", "os_name": "Debian 12",
+             "container": "", "propagation": "shared", "ca_bundle": "missing"}
+
+
+def test_a_debian_host_with_systemd_247_or_newer_can_run_the_agent():
+    assert host_problems(GOOD_HOST) == []
+    assert host_problems(dict(GOOD_HOST, os="ubuntu debian", systemd="247"), token=True) == []
+
+
+@pytest.mark.parametrize("facts, kwargs, says", [
+    ({"pid1": "init"}, {}, "the init system (PID 1) is 'init'"),
+    ({"systemd": "241"}, {}, "systemd is version 241;"),
+    ({"systemd": ""}, {}, "systemd is version unknown;"),
+    ({"os": "alpine ", "os_name": "Alpine"}, {}, "the OS is Alpine (ID and ID_LIKE 'alpine')"),
+    ({}, {"ca_bundle": "/etc/ssl/ca.pem"}, "stacksense_ca_bundle is '/etc/ssl/ca.pem', but no"),
+    ({"container": "podman", "propagation": "private"}, {"token": True},
+     "this host is a container whose / has 'private' mount propagation"),
+])
+def test_each_host_problem_is_named(facts, kwargs, says):
+    problems = host_problems(dict(GOOD_HOST, **facts), **kwargs)
+    assert len(problems) == 1 and problems[0].startswith(says), problems
+
+
+def test_cron_hosts_need_neither_systemd_nor_shared_propagation():
+    facts = dict(GOOD_HOST, pid1="sh", systemd="", container="docker", propagation="private")
+    assert host_problems(facts, cron=True, token=True) == []
+    assert len(host_problems(facts, token=True)) == 3
+
+
 # --- agent_settings: the role's settings judged by the agent's own rules ---------------------
 
 agent_settings = load_filters("agent_settings")
@@ -262,3 +292,72 @@ def test_a_proxy_is_shown_without_anything_before_its_last_at_or_not_at_all():
     assert redacted("u:p@proxy:3128", "proxy") == "<credentials hidden>@proxy:3128"
     assert redacted("http://u:s3cret/proxy:3128", "proxy") == "<hidden: it may hold a password>"
     assert redacted("http://proxy.example.com:3128", "proxy") == "http://proxy.example.com:3128"
+
+
+# --- role_variable_problems: the role's variables, checked whole ------------------------------
+
+role_variable_problems = load_filters("role_variables")["role_variable_problems"]
+ROLE_DEFAULTS = {
+    "stacksense_api_url": "https://stacksense.example.com", "stacksense_verify_timeout": 60,
+    "stacksense_apt_cache_valid_time": 3600, "stacksense_service_manager": "systemd",
+    "stacksense_requests_source": "package", "stacksense_pip_requests_spec": "requests>=2.25,<3",
+    "stacksense_pip_extra_args": "", "stacksense_install_dir": "/opt/stacksense-heartbeat",
+    "stacksense_ca_bundle": "", "stacksense_agent_source": str(AGENT_PATH),
+    "stacksense_https_proxy": "", "stacksense_http_proxy": "", "stacksense_no_proxy": "",
+    "__stacksense_agent_problems": [], "__stacksense_cron_user": "stacksense-heartbeat",
+    "__stacksense_fixed_paths": ["/etc/systemd/system/stacksense-heartbeat.service",
+                                 "/etc/stacksense-heartbeat"],
+    "__stacksense_push_agent_dir": "/opt/stacksense-agent",
+    "__stacksense_expected_version": "1.2.0", "__stacksense_ca_mode": False,
+    "__stacksense_ca_problem": "",
+}
+
+
+def test_the_role_defaults_pass_the_variable_checks():
+    assert role_variable_problems(ROLE_DEFAULTS) == []
+
+
+@pytest.mark.parametrize("name, value, removal", [
+    ("stacksense_api_url", "https://s.example.com\n", False),
+    ("stacksense_verify_timeout", "60\n", False),
+    ("stacksense_verify_timeout", 0, False),
+    ("stacksense_apt_cache_valid_time", "-1", False),
+    ("stacksense_service_manager", "cron\n", True),
+    ("stacksense_requests_source", "conda", True),
+    ("stacksense_pip_requests_spec", "requests\n--index-url=http://x", False),
+    ("stacksense_pip_extra_args", "--pre  --no-deps", False),
+    ("stacksense_install_dir", "/opt/x/", True),
+    ("stacksense_install_dir", "/etc/systemd", True),
+    ("stacksense_install_dir", "/opt/stacksense-agent", True),
+    ("stacksense_ca_bundle", "/home/ops/ca.pem", False),
+    ("stacksense_https_proxy", "http://proxy.example.com:99999", False),
+    ("stacksense_https_proxy", "http://proxy.example.com", False),
+    ("stacksense_no_proxy", "a;b", False),
+])
+def test_each_bad_value_gets_one_message_naming_its_variable(name, value, removal):
+    problems = role_variable_problems(dict(ROLE_DEFAULTS, **{name: value}))
+    assert len(problems) == 1 and problems[0].startswith(f"{name} is "), problems
+    assert "\n" not in problems[0] and "Fix:" in problems[0]
+    assert bool(role_variable_problems(dict(ROLE_DEFAULTS, **{name: value}), True)) == removal
+
+
+def test_a_url_with_credentials_is_refused_without_showing_them():
+    problems = role_variable_problems(dict(ROLE_DEFAULTS,
+                                           stacksense_api_url="https://ops:s3cret@s.example.com"))
+    assert problems and all("s3cret" not in p for p in problems)
+    assert "https://***@s.example.com" in problems[0]
+
+
+def test_a_proxy_of_the_other_scheme_is_refused_as_bypassed():
+    problems = role_variable_problems(dict(ROLE_DEFAULTS,
+                                           stacksense_http_proxy="http://u:pw@proxy.example.com:3128"))
+    assert len(problems) == 1 and "Fix: set stacksense_https_proxy" in problems[0]
+    assert "pw@" not in problems[0]
+
+
+def test_an_agent_source_that_is_not_a_file_and_unsafe_internal_values_are_named(tmp_path):
+    problems = role_variable_problems(dict(
+        ROLE_DEFAULTS, stacksense_agent_source=str(tmp_path / "missing.py"),
+        __stacksense_cron_user="root\n* * * * * root sh"))
+    assert [p.split(" ", 1)[0] for p in problems] == ["the", "stacksense_agent_source"]
+    assert "internal paths or cron user" in problems[0]

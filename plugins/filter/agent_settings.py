@@ -13,6 +13,7 @@ own derived_settings().
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 DOCUMENTATION = r"""
@@ -58,13 +59,21 @@ _agents = {}
 
 
 def load_agent(path=AGENT_PATH):
-    """The agent module at `path`, loaded once (it needs no `requests` for this)."""
+    """The agent module at `path`, loaded once, without `requests`: its settings rules need
+    none, and importing requests (and urllib3) costs each Ansible worker, a fresh process per
+    task and host, about 40 ms of CPU (docs/DEPLOY_BENCHMARKS.md)."""
     path = Path(path)
     key = (str(path), path.stat().st_mtime_ns)
     if key not in _agents:
         spec = importlib.util.spec_from_file_location("stacksense_heartbeat_agent", str(path))
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        blocked = [name for name in ("requests", "urllib3") if name not in sys.modules]
+        sys.modules.update(dict.fromkeys(blocked))  # `import requests` raises ImportError
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            for name in blocked:
+                del sys.modules[name]
         _agents[key] = module
     return _agents[key]
 

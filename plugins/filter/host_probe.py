@@ -67,6 +67,50 @@ def host_probe(lines):
     return probe
 
 
+def host_problems(facts, cron=False, token=False, ca_bundle=""):
+    """What keeps the host from running the agent, one message each (empty when nothing):
+    `facts` as host_probe() gives them, `cron` when cron runs the agent, `token` when the
+    agent gets a token, `ca_bundle` the stacksense_ca_bundle it must find."""
+    problems = []
+    systemd = facts.get("systemd") or ""
+    if not cron and facts.get("pid1") != "systemd":
+        problems.append(
+            f"the init system (PID 1) is '{facts.get('pid1', '')}', not systemd. The agent runs "
+            "as a systemd service (Type=notify, watchdog, credentials), so this role needs a "
+            "host booted with systemd 247 or newer (Debian 11+). Fix: boot the host with "
+            "systemd, or set stacksense_service_manager to cron (cron then starts and "
+            "supervises the agent, without watchdog or sandbox).")
+    if not cron and not (systemd.isdigit() and int(systemd) >= 247):
+        problems.append(
+            f"systemd is version {systemd or 'unknown'}; the unit needs 247 or newer "
+            "(LoadCredential=, ProtectProc=). Upgrade the host to Debian 11 or newer.")
+    if "debian" not in facts.get("os", "").split():
+        problems.append(
+            f"the OS is {facts.get('os_name', '')} (ID and ID_LIKE "
+            f"'{facts.get('os', '').strip()}'); this role installs Python and requests with apt "
+            "and supports Debian 11, 12 and 13 (and derivatives) only.")
+    if ca_bundle and facts.get("ca_bundle") != "file":
+        problems.append(
+            f"stacksense_ca_bundle is '{ca_bundle}', but no such file exists on the host. Fix: "
+            "install the CA bundle first (e.g. with a copy task before this role) or correct "
+            "the path.")
+    # LoadCredential= (how the token reaches the service) copies the token into a fresh mount
+    # that systemd moves under /run/credentials; the service only sees it when / has shared
+    # mount propagation. systemd sets that up at boot, except in a container, where it keeps
+    # the container manager's (podman's default is private): the agent would then find no
+    # token. Say so now rather than fail later.
+    propagation = facts.get("propagation", "")
+    if not cron and token and facts.get("container") and "shared" not in propagation:
+        problems.append(
+            f"this host is a container whose / has '{propagation}' mount propagation, so "
+            "systemd's LoadCredential= would give stacksense-heartbeat an empty credentials "
+            "directory and the agent would not find stacksense_api_token. Fix: make / shared "
+            "when the container boots (mount --make-rshared /, as systemd does itself on hosts "
+            "that are not containers), or deploy this host with stacksense_server_id and no "
+            "token.")
+    return problems
+
+
 def agent_packages(packages, requests_source, cron=False, installed=None):
     """The Debian packages the agent needs, in the table's order, less those `installed`.
 
@@ -80,4 +124,5 @@ def agent_packages(packages, requests_source, cron=False, installed=None):
 
 class FilterModule:
     def filters(self):
-        return {"host_probe": host_probe, "agent_packages": agent_packages}
+        return {"host_probe": host_probe, "host_problems": host_problems,
+                "agent_packages": agent_packages}
