@@ -11,6 +11,7 @@ heard, stop it.
 """
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,14 @@ class ReceiverProcess:
         self.process = None
 
     def start(self):
+        # Another receiver on the port would answer the status check below in our place.
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("0.0.0.0", self.port))
+            except OSError as error:
+                raise ReceiverError(f"port {self.port} is in use ({error.strerror}): stop "
+                                    "what listens there first") from None
         self.logpath.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(ROOT / "receiver" / "stacksense_receiver.py"),
                    "--listen", f"0.0.0.0:{self.port}"]
@@ -52,11 +61,12 @@ class ReceiverProcess:
         for _ in range(50):
             try:
                 self.status()
-                return self
             except OSError:
                 if self.process.poll() is not None:
                     break
                 time.sleep(0.2)
+                continue
+            return self
         self.stop()
         raise ReceiverError(f"the receiver did not start on port {self.port} (is it in use? "
                             f"see {self.logpath})")
