@@ -119,6 +119,10 @@ VARIANTS = {
     # the collection ran before it had one).
     "role-ssh-nocfg": variant("role", conn="ssh", env=NO_CONFIG,
                               note="ssh, no ansible.cfg (forks 5, the play's pipelining)"),
+    # ... and with the forks the README tells collection users to pass (-f 25): what is left
+    # of the difference is what only the configuration file can set.
+    "role-ssh-nocfg-forks25": variant("role", conn="ssh", env={**NO_CONFIG, "ANSIBLE_FORKS": "25"},
+                                      note="ssh, no ansible.cfg, ANSIBLE_FORKS=25"),
     "role-ssh-nocfg-nopipe": variant("role", conn="ssh", env=NO_CONFIG,
                                      serial={**ALL_IN_ONE_BATCH, "ansible_pipelining": False},
                                      note="ssh, no ansible.cfg, pipelining off (before 1.2.0)"),
