@@ -58,7 +58,6 @@ DOT_COMPONENT = re.compile(r"(\A|/)\.\.?(/|\Z)")
 # ?query, #fragment, white space, quote or control character.
 URL = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?)"
                  r"(:[0-9]{1,5})?(/[A-Za-z0-9._~%/+=:@,-]*)?\Z")
-URL_CREDENTIALS = re.compile(r"\A[^/?#]*//[^/?#]*@")
 COUNT = re.compile(r"[0-9]+\Z")
 POSITIVE = re.compile(r"[1-9][0-9]*\Z")
 # A requirement for pip: a name, [extras], version specifiers (requests>=2.25,<3).
@@ -92,16 +91,19 @@ HIDDEN_TREE = re.compile("(" + "|".join(map(re.escape, HIDDEN_TREES)) + r")(/|\Z
 UNSEEN_BY_SERVICE = re.compile(r"/(home|root|run/user|tmp|var/tmp)(/|\Z)")
 
 
-def _redacted():
-    """plugins/filter/redacted.py's redacted(): one rule for hiding credentials."""
+def _redacted_module():
+    """plugins/filter/redacted.py: one rule for finding and hiding credentials."""
     spec = importlib.util.spec_from_file_location(
         "stacksense_filter_redacted", str(Path(__file__).with_name("redacted.py")))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.redacted
+    return module
 
 
-redacted = _redacted()
+_REDACTED = _redacted_module()
+redacted = _REDACTED.redacted
+# user:password@ (or user@) before the host.
+URL_CREDENTIALS = _REDACTED.URL_CREDENTIALS
 
 
 def _text(value):
