@@ -846,8 +846,10 @@ def make_server(servers, host="127.0.0.1", port=0, offline_after=DEFAULT_OFFLINE
 # ---------------------------------------------------------------- command line
 
 
-class _Stop(Exception):
-    """Raised by the SIGTERM/SIGINT handler to leave serve_forever()."""
+class _Stop(BaseException):
+    """Raised by the SIGTERM/SIGINT handler to leave serve_forever(). Not an Exception: a
+    signal that lands while the main thread starts a request's thread would otherwise be
+    caught by socketserver's handle_error (printed, then served on forever)."""
 
 
 def _stop(signum, frame):
