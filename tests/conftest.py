@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_PATH = ROOT / "agent" / "heartbeat_agent.py"
@@ -38,6 +39,29 @@ def load_filters(name):
     """The filters of plugins/filter/NAME.py, by name, loaded as a plain module."""
     module = load_module(f"stacksense_filter_{name}", f"plugins/filter/{name}.py")
     return module.FilterModule().filters()
+
+
+def run_local_tasks(tmp_path, tasks, host_vars=None):
+    """`tasks` in one play on the host web-01 (this machine, local connection) with a real
+    ansible-playbook and the collection of this clone. Returns {task name: web-01's result}."""
+    play = [{"hosts": "web-01", "gather_facts": False, "tasks": tasks}]
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    host = dict({"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+                **(host_vars or {}))
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"hosts": {"web-01": host}}}))
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_LOCALHOST_WARNING="false",
+               ANSIBLE_COLLECTIONS_PATH=collections_path(), NO_COLOR="1")
+    env.pop("ANSIBLE_CONFIG", None)
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    proc = subprocess.run([str(playbook), "-i", str(tmp_path / "hosts.yml"),
+                           str(tmp_path / "play.yml")], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=120)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"no JSON from ansible-playbook: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    return {task["task"]["name"]: task["hosts"]["web-01"]
+            for task in report["plays"][0]["tasks"]}
 
 
 def load_agent_module():

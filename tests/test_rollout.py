@@ -64,9 +64,8 @@ def test_unreachable_hosts_and_long_messages():
 
 
 def verified(version):
-    """The role's last verification probe, as registered: the process, then the state file."""
-    state = {"pid": 42, "agent_version": version, "consecutive_failures": 0}
-    return {"rc": 0, "stdout_lines": ["42 running", json.dumps(state)]}
+    """The role's verification, as registered (plugins/action/agent_heartbeat.py)."""
+    return {"changed": False, "agent_version": version, "msg": "h: heartbeat accepted by ..."}
 
 
 def test_deployed_only_when_something_changed():
@@ -77,7 +76,8 @@ def test_deployed_only_when_something_changed():
     # Check mode and stacksense_verify: false run no verification: no version to name.
     assert rollout.rollout_done([{"changed": True}], {}, True)["reason"] == (
         "check mode: would deploy the agent")
-    assert rollout.rollout_done([{"changed": True}], {"stdout_lines": ["0 exited", "{"]}) == {
+    failed_wait = {"failed": True, "exited": True, "process": "0 exited:exit status 1"}
+    assert rollout.rollout_done([{"changed": True}], failed_wait) == {
         "outcome": "deployed", "reason": "deployed"}
 
 

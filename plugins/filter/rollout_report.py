@@ -15,7 +15,6 @@ A host where StackSense's push agent runs is left alone by the role (it ends the
 and says why in __stacksense_push_agent_left_alone): neither skipped nor failed.
 """
 
-import json
 import re
 
 DOCUMENTATION = r"""
@@ -122,15 +121,10 @@ def rollout_failed(task, result, host=""):
 
 
 def verified_version(probe):
-    """The agent version the role's verification saw: its last probe (registered
-    __stacksense_probe: "PID running", then the agent's state file as JSON), '' without one
-    (check mode, stacksense_verify off)."""
-    lines = (probe.get("stdout_lines") or []) if isinstance(probe, dict) else []
-    try:
-        state = json.loads(" ".join(lines[1:])) if len(lines) > 1 else {}
-    except ValueError:
-        return ""
-    return str(state.get("agent_version") or "") if isinstance(state, dict) else ""
+    """The agent version the role's verification saw (registered __stacksense_probe, the
+    result of plugins/action/agent_heartbeat.py), '' without one (check mode,
+    stacksense_verify off, a failed wait)."""
+    return str(probe.get("agent_version") or "") if isinstance(probe, dict) else ""
 
 
 def rollout_done(changes, probe=None, check_mode=False):

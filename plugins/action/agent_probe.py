@@ -1,0 +1,79 @@
+"""Probe the host and judge whether it can run the agent, in one task.
+
+The role's one read-only look at the host (tasks/preflight.yml): it runs the probe script
+(roles/stacksense_agent/files/probe_host.sh) as a shell command with its STACKSENSE_PROBE_*
+settings (as ansible.builtin.raw does: one round trip, no module, no Python needed on the
+host; with the play's privilege escalation), parses the answer (plugins/filter/host_probe.py:
+host_probe) and, when `checks` is given, fails the host with every reason it cannot run the
+agent (host_problems), one line. Registered, the result is what host_probe returns (facts,
+files, dirs, kept, packages), which vars/main.yml reads. One task where it was three (the
+probe, a set_fact that parsed its answer, a fail that judged it): at fleet scale every task
+costs the controller a worker per host (docs/DEPLOY_BENCHMARKS.md).
+"""
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+from ansible.errors import AnsibleActionFail
+from ansible.plugins.action import ActionBase
+
+
+def _host_probe_module():
+    spec = importlib.util.spec_from_file_location(
+        "stacksense_filter_host_probe",
+        str(Path(__file__).resolve().parent.parent / "filter" / "host_probe.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_PROBE = _host_probe_module()
+SETTING_NAME = re.compile(r"STACKSENSE_PROBE_[A-Z0-9_]+")
+
+
+def probe_command(script, environment):
+    """The shell command line: the settings as assignments, then `/bin/sh -c SCRIPT`."""
+    bad = [name for name in environment if not SETTING_NAME.fullmatch(str(name))]
+    if bad:
+        raise AnsibleActionFail(f"agent_probe: not a probe setting: {bad!r}")
+    assignments = [f"{name}={shlex.quote(str(value))}" for name, value in environment.items()]
+    return " ".join([*assignments, "/bin/sh", "-c", shlex.quote(script), "probe_host.sh"])
+
+
+def last_line(text):
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _supports_check_mode = True  # read-only: it runs in check mode too
+    _requires_connection = True
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        args = self._task.args
+        script = args.get("script")
+        environment = args.get("environment") or {}
+        checks = args.get("checks")
+        if not isinstance(script, str) or not isinstance(environment, dict) or not (
+                checks is None or isinstance(checks, dict)):
+            raise AnsibleActionFail(
+                "agent_probe needs script (text), environment (dict) and checks (dict or null)")
+        answer = self._low_level_execute_command(probe_command(script, environment))
+        if answer.get("rc") != 0:
+            why = last_line(answer.get("stderr")) or last_line(answer.get("stdout"))
+            result.update(failed=True, rc=answer.get("rc"), stderr=answer.get("stderr", ""),
+                          msg=f"the probe of the host failed (rc {answer.get('rc')}): {why}")
+            return result
+        result.update(_PROBE.host_probe(answer.get("stdout", "").splitlines()), changed=False)
+        if checks is not None:
+            problems = _PROBE.host_problems(
+                result["facts"], bool(checks.get("cron")), bool(checks.get("token")),
+                str(checks.get("ca_bundle") or ""))
+            if problems:
+                host = (task_vars or {}).get("inventory_hostname", "")
+                result.update(failed=True, msg=f"{host}: {' '.join(problems)}")
+        return result

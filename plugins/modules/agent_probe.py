@@ -1,0 +1,86 @@
+#!/usr/bin/python
+"""Documentation of the action plugin plugins/action/agent_probe.py (it runs on the
+controller; this file only documents it, as ansible.builtin.set_fact's module file does)."""
+
+DOCUMENTATION = r"""
+module: agent_probe
+short_description: Probe a host for the heartbeat agent and judge whether it can run it
+description:
+  - Runs O(script) (the role's files/probe_host.sh) on the host as a shell command, with
+    O(environment) set, in one round trip (no module, no Python on the host; with the play's
+    privilege escalation), and parses its C(name=value) lines.
+  - With O(checks), fails the host with every reason it cannot run the agent (the init
+    system, systemd's version, the OS, the CA bundle, a container's mount propagation), in
+    one message.
+version_added: 1.3.0
+author: StackSense (@stacksense)
+options:
+  script:
+    description: The probe, a POSIX shell script.
+    type: str
+    required: true
+  environment:
+    description: Its settings, C(STACKSENSE_PROBE_*) names only.
+    type: dict
+    default: {}
+  checks:
+    description:
+      - What the agent needs of this host; null (removal) probes only.
+      - C(cron) (bool), cron runs the agent; C(token) (bool), the agent gets a token;
+        C(ca_bundle) (str), the CA bundle that must exist on the host.
+    type: dict
+attributes:
+  check_mode:
+    support: full
+    description: Read-only; runs in check mode too.
+  diff_mode:
+    support: none
+    description: Changes nothing.
+  platform:
+    support: full
+    platforms: posix
+    description: Any host with a POSIX shell.
+notes:
+  - The role's preflight; not meant for playbooks of their own.
+"""
+
+EXAMPLES = r"""
+- name: Probe the host
+  stacksense.fleet.agent_probe:
+    script: "{{ lookup('ansible.builtin.file', 'probe_host.sh') }}"
+    environment:
+      STACKSENSE_PROBE_FILES: /etc/systemd/system/stacksense-heartbeat.service
+    checks: {cron: false, token: true, ca_bundle: ""}
+  register: probe
+"""
+
+RETURN = r"""
+facts:
+  description: The probe's single-valued lines (pid1, systemd, os, os_name, container,
+    propagation, apt_lists, ca_bundle, and what it found of other agents).
+  returned: success
+  type: dict
+files:
+  description: The paths of C(STACKSENSE_PROBE_FILES) that exist.
+  returned: success
+  type: list
+  elements: str
+dirs:
+  description: Directory to C("MODE OWNER:GROUP").
+  returned: success
+  type: dict
+kept:
+  description: The files identical to their copy kept for a rollback.
+  returned: success
+  type: list
+  elements: str
+packages:
+  description: The packages of C(STACKSENSE_PROBE_PACKAGES) that dpkg reports installed.
+  returned: success
+  type: list
+  elements: str
+msg:
+  description: Why the host cannot run the agent, or why the probe failed.
+  returned: failure
+  type: str
+"""
