@@ -341,6 +341,16 @@ def test_each_bad_value_gets_one_message_naming_its_variable(name, value, remova
     assert bool(role_variable_problems(dict(ROLE_DEFAULTS, **{name: value}), True)) == removal
 
 
+def test_shared_tokens_and_the_agents_verdict_come_first_and_not_on_removal():
+    values = dict(ROLE_DEFAULTS, stacksense_install_dir="/",
+                  __stacksense_fleet_conflicts=["web-01 and web-02 share a token."],
+                  __stacksense_agent_problems=["stacksense_interval is 0, ..."])
+    problems = role_variable_problems(values)
+    assert problems[:2] == ["web-01 and web-02 share a token.", "stacksense_interval is 0, ..."]
+    assert problems[2].startswith("stacksense_install_dir is ")
+    assert [p[:23] for p in role_variable_problems(values, True)] == ["stacksense_install_dir "]
+
+
 def test_a_url_with_credentials_is_refused_without_showing_them():
     problems = role_variable_problems(dict(ROLE_DEFAULTS,
                                            stacksense_api_url="https://ops:s3cret@s.example.com"))

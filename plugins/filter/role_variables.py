@@ -252,9 +252,14 @@ def _checks(v):
 
 
 def role_variable_problems(values, removal=False):
-    """The message of each check that fails; with removal, only those removal needs."""
-    return [message for ok, for_removal, message in _checks(values)
-            if not ok and (for_removal or not removal)]
+    """The message of each check that fails; with removal, only those removal needs. First
+    (not on removal) the hosts of the run that share a token or a server id
+    (__stacksense_fleet_conflicts) and the agent's own verdict on its settings
+    (__stacksense_agent_problems)."""
+    first = [] if removal else [*values.get("__stacksense_fleet_conflicts", []),
+                                *values["__stacksense_agent_problems"]]
+    return first + [message for ok, for_removal, message in _checks(values)
+                    if not ok and (for_removal or not removal)]
 
 
 class FilterModule:
