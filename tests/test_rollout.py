@@ -111,9 +111,37 @@ def test_a_bad_share_says_which_variable_and_the_fix(value):
         rollout.rollout_batch_verdict([], value)
 
 
+NO_ROUTE = "ssh: connect to host 10.0.0.3 port 22: No route to host"
+
+
+def test_one_task_gives_each_host_of_the_batch_its_outcome_and_judges_the_batch():
+    changed = {"changed": True, "changed_paths": ["/opt/stacksense-heartbeat/heartbeat_agent.py"]}
+    rolled_back = {"outcome": "rolled back", "reason": "no heartbeat; rolled back to agent 1.1.0"}
+    hostvars = {
+        "web-01": {"__stacksense_login_uid": {"rc": 0}, "__stacksense_files": changed,
+                   "__stacksense_probe": verified("1.2.0")},
+        "web-02": {"__stacksense_login_uid": {"rc": 0}, "__stacksense_files": {"changed": False},
+                   "__stacksense_probe": verified("1.2.0")},
+        "web-03": {"__stacksense_login_uid": {"unreachable": True, "msg": NO_ROUTE}},
+        "web-04": {"__stacksense_login_uid": {"rc": 0}, "__stacksense_outcome": rolled_back},
+        "web-05": {"__stacksense_login_uid": {"rc": 0}, "__stacksense_files": changed},
+    }
+    batch = rollout.rollout_batch(hostvars, ["web-01", "web-02", "web-03", "web-04"], 25)
+    assert batch["outcomes"] == {
+        "web-01": {"outcome": "deployed", "reason": "agent 1.2.0 verified"},
+        "web-02": {"outcome": "unchanged", "reason": "agent 1.2.0 already running"},
+        "web-03": {"outcome": "unreachable", "reason": NO_ROUTE},
+        "web-04": rolled_back,
+    }
+    assert batch["stop"].startswith("the new agent failed on 1 host(s) of this batch")
+    would = {"outcome": "deployed", "reason": "check mode: would deploy the agent"}
+    assert rollout.rollout_batch(hostvars, ["web-05"], 25, check_mode=True) == {
+        "outcomes": {"web-05": would}, "stop": ""}
+
+
 def test_records_name_hosts_lost_during_the_run_and_those_never_attempted():
     deployed = {"outcome": "deployed", "reason": "agent 1.2.0 verified"}
-    hostvars = {"a": {"__stacksense_outcome": deployed},
+    hostvars = {"a": {"__stacksense_batch": {"outcomes": {"a": deployed}, "stop": ""}},
                 "b": {}, "c": {}}
     records = rollout.rollout_records(["a", "b", "c"], hostvars, ["a", "c"])
     assert records["b"]["outcome"] == "lost"
@@ -125,7 +153,7 @@ def test_a_host_left_alone_for_the_push_agent_is_neither_deployed_nor_missing():
     deployed = {"outcome": "deployed", "reason": "agent 1.2.0 verified"}
     why = ("web-02: StackSense's push agent runs here (found /opt/stacksense-agent/"
            "stacksense_agent.py); its metrics push already keeps this host online")
-    hostvars = {"web-01": {"__stacksense_outcome": deployed},
+    hostvars = {"web-01": {"__stacksense_batch": {"outcomes": {"web-01": deployed}}},
                 "web-02": {"__stacksense_push_agent_left_alone": why},
                 "web-03": {}}
     # The role ended web-02's play (meta: end_host): it is no longer an active host.

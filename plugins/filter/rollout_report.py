@@ -1,9 +1,11 @@
 """What happened to each host of a rollout (playbooks/deploy.yml), in plain Python.
 
-deploy.yml records one outcome per host (rollout_unreachable, rollout_failed, rollout_done),
-checks each batch against the share of hosts that may be skipped (rollout_batch_verdict), and
-prints one summary at the end or at the stop (rollout_records, rollout_report; written as JSON
-with -e stacksense_deploy_report=PATH). The decisions are here, so that a plain pytest
+deploy.yml notes the outcome of a host whose role failed (rollout_failed, in its rescue); at
+the end of each batch one task on the controller (rollout_batch) gives every host of the batch
+its outcome (that one, or rollout_unreachable, rollout_done) and checks the batch against the
+share of hosts that may be skipped (rollout_batch_verdict); it prints one summary at the end or
+at the stop (rollout_records, rollout_report; written as JSON with -e
+stacksense_deploy_report=PATH). The decisions are here, so that a plain pytest
 (tests/test_rollout.py) checks them on any number of synthetic hosts.
 
 A host problem is not a version problem:
@@ -26,7 +28,7 @@ description:
     (hosts that need nothing more are counted, and named only in the JSON report past 50).
   - The same file holds the filters that make the records and judge a batch
     (C(rollout_unreachable), C(rollout_failed), C(rollout_done), C(rollout_batch_verdict),
-    C(rollout_records)); C(playbooks/deploy.yml) is their one user.
+    C(rollout_batch), C(rollout_records)); C(playbooks/deploy.yml) is their one user.
 positional: _input, stopped
 options:
   _input:
@@ -175,8 +177,33 @@ def rollout_batch_verdict(outcomes, max_skipped_percent):
     return ""
 
 
+def host_outcome(host, host_vars, check_mode=False):
+    """The outcome of one host of a batch, from deploy.yml's per-host results: what its rescue
+    noted (__stacksense_outcome), else unreachable when its first command failed
+    (__stacksense_login_uid), else what the role did (rollout_done)."""
+    noted = host_vars.get("__stacksense_outcome")
+    if noted:
+        return dict(noted)
+    login = host_vars.get("__stacksense_login_uid") or {}
+    if login.get("rc", 1) != 0:
+        return rollout_unreachable(login, host)
+    changes = [host_vars.get(name) or {} for name in
+               ("__stacksense_files", "__stacksense_cron_template", "__stacksense_restart_stale")]
+    return rollout_done(changes, host_vars.get("__stacksense_probe") or {}, check_mode)
+
+
+def rollout_batch(hostvars, batch, max_skipped_percent, check_mode=False):
+    """Every host of the batch with its outcome, and why the rollout stops after it:
+    {"outcomes": {host: record}, "stop": rollout_batch_verdict(...), '' when it goes on}.
+    One task on the controller (run_once) instead of one per host."""
+    outcomes = {host: host_outcome(host, hostvars[host], check_mode) for host in batch or []}
+    return {"outcomes": outcomes,
+            "stop": rollout_batch_verdict(list(outcomes.values()), max_skipped_percent)}
+
+
 def rollout_records(all_hosts, hostvars, active_hosts):
-    """{host: outcome record} for every host of the play, from deploy.yml's per-host facts.
+    """{host: outcome record} for every host of the play, from deploy.yml's facts: each
+    batch's outcomes (__stacksense_batch, set on every host of the batch).
 
     A host the role left alone because StackSense's push agent runs there (it ended the
     host's play, __stacksense_push_agent_left_alone says why) is "left alone (push agent)".
@@ -188,7 +215,7 @@ def rollout_records(all_hosts, hostvars, active_hosts):
     records = {}
     for host in all_hosts or []:
         host_vars = hostvars.get(host, {})
-        record = host_vars.get("__stacksense_outcome")
+        record = ((host_vars.get("__stacksense_batch") or {}).get("outcomes") or {}).get(host)
         left_alone = host_vars.get("__stacksense_push_agent_left_alone")
         if not record and left_alone:
             record = {"outcome": LEFT_ALONE, "reason": _one_line(left_alone, host)}
@@ -267,6 +294,7 @@ class FilterModule:
             "rollout_failed": rollout_failed,
             "rollout_done": rollout_done,
             "rollout_batch_verdict": rollout_batch_verdict,
+            "rollout_batch": rollout_batch,
             "rollout_records": rollout_records,
             "rollout_report": rollout_report,
         }
