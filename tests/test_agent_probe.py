@@ -60,3 +60,14 @@ def test_only_probe_settings_reach_the_shell(tmp_path):
     assert result["failed"] and "not a probe setting" in result["msg"]
     command = action.probe_command("echo", {"STACKSENSE_PROBE_FILES": "a'b"})
     assert command == "STACKSENSE_PROBE_FILES='a'\"'\"'b' /bin/sh -c echo probe_host.sh"
+
+
+def test_variable_problems_fail_the_host_before_anything_reaches_it(tmp_path):
+    marker = tmp_path / "probed"
+    task = {"name": "probe", "stacksense.fleet.agent_probe": {
+        "problems": ["stacksense_install_dir is \"/\", ...", "stacksense_no_proxy is ..."],
+        "script": f"touch {marker}", "checks": {"cron": True}}}
+    result = run_local_tasks(tmp_path, [task])["probe"]
+    assert result["failed"] and result["msg"] == (
+        'web-01: stacksense_install_dir is "/", ... stacksense_no_proxy is ...')
+    assert not marker.exists() and "facts" not in result

@@ -224,9 +224,16 @@ def play(tasks, **keywords):
     )
 
 
+PREFLIGHT = "Check the role's variables, probe the host and check it"
+
+
 def var_check_task():
+    """The preflight task, its variable checks only: the probe answers nothing and the host is
+    not judged (the tests below run the probe itself; tests/test_agent_probe.py the rest)."""
     tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
-    return next(task for task in tasks if task["name"] == "Check the role's variables")
+    task = next(task for task in tasks if task["name"] == PREFLIGHT)
+    task["stacksense.fleet.agent_probe"].update(script="true", environment={}, checks=None)
+    return task
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +259,7 @@ def preflight(tmp_path_factory):
     results, _ = run_playbook(
         tmp_path_factory.mktemp("preflight"), hosts, [play([var_check_task()])]
     )
-    return results["Check the role's variables"]
+    return results[PREFLIGHT]
 
 
 @pytest.mark.parametrize("host, values, says", HOSTILE, ids=[case[0] for case in HOSTILE])
@@ -347,8 +354,8 @@ def test_preflight_refuses_an_unsafe_internal_value_set_with_extra_vars(tmp_path
     results, _ = run_playbook(
         tmp_path, {"h": {}}, [play([var_check_task()])], ["-e", json.dumps(extra)]
     )
-    assert results["Check the role's variables"]["h"].get("failed")
-    assert "internal paths or cron user" in results["Check the role's variables"]["h"]["msg"]
+    assert results[PREFLIGHT]["h"].get("failed")
+    assert "internal paths or cron user" in results[PREFLIGHT]["h"]["msg"]
 
 
 def test_the_refusal_names_the_setting(tmp_path):
@@ -418,7 +425,7 @@ def deploy(tmp_path, extra_vars, login_uid=None, host_vars=None, playbook="deplo
 def test_deploy_logged_in_as_root_escalates_nothing(tmp_path):
     results, _ = deploy(tmp_path, {})
     assert results["Read the login user's uid"]["localhost"]["stdout"].strip() == "0"
-    probe = results["Probe the host"]["localhost"]
+    probe = results[PREFLIGHT]["localhost"]
     # The probe ran and answered (it may then refuse this machine: no systemd as PID 1).
     assert probe.get("facts", {}).get("pid1") == PID1, probe.get("msg")
 
@@ -427,7 +434,7 @@ def test_deploy_logged_in_as_root_escalates_nothing(tmp_path):
 def test_deploy_logged_in_as_another_user_escalates_with_the_become_method(tmp_path):
     results, _ = deploy(tmp_path, {}, login_uid=1000)
     assert results["Read the login user's uid"]["localhost"]["stdout"].strip() == "1000"
-    assert "no-sudo-here" in json.dumps(results["Probe the host"]["localhost"])
+    assert "no-sudo-here" in json.dumps(results[PREFLIGHT]["localhost"])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="logs in as the current user, which must be root")
@@ -439,7 +446,7 @@ def test_deploy_escalates_with_su_when_the_inventory_says_so(tmp_path):
     wrapper.chmod(0o755)
     host_vars = {"ansible_become_method": "su", "ansible_become_exe": str(wrapper)}
     results, _ = deploy(tmp_path, {}, login_uid=1000, host_vars=host_vars)
-    probe = results["Probe the host"]["localhost"]
+    probe = results[PREFLIGHT]["localhost"]
     # The probe ran and answered (it may then refuse this machine: no systemd as PID 1).
     assert probe.get("facts", {}).get("pid1") == PID1, probe.get("msg")
     assert calls.exists()
@@ -448,17 +455,40 @@ def test_deploy_escalates_with_su_when_the_inventory_says_so(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="logs in as the current user, which must be root")
 def test_deploy_with_a_hostile_install_dir_stops_before_the_probe(tmp_path):
     results, _ = deploy(tmp_path, {"stacksense_install_dir": "/opt/x" + INJECTION})
-    assert results["Check the role's variables"]["localhost"].get("failed")
-    assert "localhost" not in results.get("Probe the host", {})
+    refused = results[PREFLIGHT]["localhost"]
+    assert refused.get("failed") and "stacksense_install_dir" in refused["msg"]
+    assert "facts" not in refused  # the host was not probed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="logs in as the current user, which must be root")
+def test_the_role_refuses_every_hostile_value_before_it_probes_the_host(tmp_path):
+    # The real deploy.yml, whose preflight task also computes the probe's settings from the
+    # same values: none of them may break that before the check has refused the value.
+    hosts = {name: dict({"stacksense_server_id": number,
+                         "ansible_become_exe": str(tmp_path / "no-sudo-here")}, **values)
+             for number, (name, values, _) in enumerate(HOSTILE, 1)
+             if values.get("stacksense_agent_state", "present") == "present"}
+    plays = [{"ansible.builtin.import_playbook": str(ROOT / "playbooks" / "deploy.yml")}]
+    one_batch = {"stacksense_serial": ["100%"], "stacksense_max_skipped_percent": 100}
+    results, _ = run_playbook(tmp_path, hosts, plays,
+                              ["--tags", "stacksense_preflight", "-e", json.dumps(one_batch)],
+                              env_extra={"ANSIBLE_BECOME_ALLOW_SAME_USER": "true"})
+    spec = next(name for name in results if name.startswith("Validating arguments"))
+    by_spec = {host for host in hosts if results[spec][host].get("failed")}
+    assert len(by_spec) < len(hosts) / 2  # most reach the role's own checks
+    for host in set(hosts) - by_spec:  # the others: refused by meta/argument_specs.yml
+        refused = results[PREFLIGHT][host]
+        assert refused.get("failed") and refused["msg"].startswith(f"{host}: "), refused
+        assert "facts" not in refused, f"{host} was probed"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="logs in as the current user, which must be root")
 def test_remove_logged_in_as_root_escalates_nothing_and_refuses_to_remove_slash(tmp_path):
     results, _ = deploy(tmp_path / "good", {}, playbook="remove.yml")
-    assert not results["Probe the host"]["localhost"].get("failed")
+    assert not results[PREFLIGHT]["localhost"].get("failed")
     results, _ = deploy(tmp_path / "slash", {"stacksense_install_dir": "/"}, playbook="remove.yml")
-    assert '"/"' in results["Check the role's variables"]["localhost"]["msg"]
-    assert "localhost" not in results.get("Probe the host", {})
+    refused = results[PREFLIGHT]["localhost"]
+    assert '"/"' in refused["msg"] and "facts" not in refused
 
 
 def test_preflight_parses_the_ca_certificate_on_the_controller_and_names_the_variable(
@@ -475,7 +505,7 @@ def test_preflight_parses_the_ca_certificate_on_the_controller_and_names_the_var
     for values in hosts.values():
         values["role_path"] = str(ROLE)  # as inside the role
     results, _ = run_playbook(tmp_path, hosts, [play([var_check_task()])])
-    checked = results["Check the role's variables"]
+    checked = results[PREFLIGHT]
     assert not checked["ca_good"].get("failed"), checked["ca_good"].get("msg")
     assert "stacksense_ca_certificate holds no PEM certificate" in checked["ca_not_pem"]["msg"]
     assert "stacksense_ca_certificate certificate 1 is not base64" in checked["ca_broken"]["msg"]

@@ -1,6 +1,9 @@
-"""Probe the host and judge whether it can run the agent, in one task.
+"""Check the role's variables, probe the host and judge whether it can run the agent, in one task.
 
-The role's one read-only look at the host (tasks/preflight.yml): it runs the probe script
+The role's preflight (tasks/preflight.yml). When `problems` (what the role's filters found
+wrong with its variables, computed on the controller) is not empty, the host fails with every
+one of them in one line, and nothing reaches the host. Otherwise the role's one read-only
+look at the host: it runs the probe script
 (roles/stacksense_agent/files/probe_host.sh) as a shell command with its STACKSENSE_PROBE_*
 settings (as ansible.builtin.raw does: one round trip, no module, no Python needed on the
 host; with the play's privilege escalation), parses the answer (plugins/filter/host_probe.py:
@@ -8,7 +11,8 @@ host_probe) and, when `checks` is given, fails the host with every reason it can
 agent (host_problems), one line. Registered, the result is what host_probe returns (facts,
 files, dirs, kept, packages), which vars/main.yml reads. One task where it was three (the
 probe, a set_fact that parsed its answer, a fail that judged it): at fleet scale every task
-costs the controller a worker per host (docs/DEPLOY_BENCHMARKS.md).
+costs the controller a worker per host (docs/DEPLOY_BENCHMARKS.md). The variables' check was a
+fourth (a fail, skipped on every host that passed it).
 """
 
 import importlib.util
@@ -55,13 +59,19 @@ class ActionModule(ActionBase):
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         args = self._task.args
+        problems = args.get("problems") or []
         script = args.get("script")
         environment = args.get("environment") or {}
         checks = args.get("checks")
-        if not isinstance(script, str) or not isinstance(environment, dict) or not (
-                checks is None or isinstance(checks, dict)):
+        if not isinstance(problems, list) or not isinstance(script, str) or not isinstance(
+                environment, dict) or not (checks is None or isinstance(checks, dict)):
             raise AnsibleActionFail(
-                "agent_probe needs script (text), environment (dict) and checks (dict or null)")
+                "agent_probe needs problems (list), script (text), environment (dict) and "
+                "checks (dict or null)")
+        host = (task_vars or {}).get("inventory_hostname", "")
+        if problems:
+            result.update(failed=True, msg=f"{host}: {' '.join(str(p) for p in problems)}")
+            return result
         answer = self._low_level_execute_command(probe_command(script, environment))
         if answer.get("rc") != 0:
             why = last_line(answer.get("stderr")) or last_line(answer.get("stdout"))
@@ -74,6 +84,5 @@ class ActionModule(ActionBase):
                 result["facts"], bool(checks.get("cron")), bool(checks.get("token")),
                 str(checks.get("ca_bundle") or ""))
             if problems:
-                host = (task_vars or {}).get("inventory_hostname", "")
                 result.update(failed=True, msg=f"{host}: {' '.join(problems)}")
         return result

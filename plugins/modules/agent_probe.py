@@ -4,9 +4,11 @@ controller; this file only documents it, as ansible.builtin.set_fact's module fi
 
 DOCUMENTATION = r"""
 module: agent_probe
-short_description: Probe a host for the heartbeat agent and judge whether it can run it
+short_description: Check the role's variables, probe a host and judge whether it can run the agent
 description:
-  - Runs O(script) (the role's files/probe_host.sh) on the host as a shell command, with
+  - When O(problems) is not empty, fails the host with all of them in one message, and
+    nothing reaches the host.
+  - Otherwise runs O(script) (the role's files/probe_host.sh) on the host as a shell command, with
     O(environment) set, in one round trip (no module, no Python on the host; with the play's
     privilege escalation), and parses its C(name=value) lines.
   - With O(checks), fails the host with every reason it cannot run the agent (the init
@@ -15,6 +17,12 @@ description:
 version_added: 1.3.0
 author: StackSense (@stacksense)
 options:
+  problems:
+    description: What is wrong with the role's variables (found on the controller), one
+      message each.
+    type: list
+    elements: str
+    default: []
   script:
     description: The probe, a POSIX shell script.
     type: str
@@ -80,7 +88,8 @@ packages:
   type: list
   elements: str
 msg:
-  description: Why the host cannot run the agent, or why the probe failed.
+  description: What is wrong with the variables, why the host cannot run the agent, or why
+    the probe failed.
   returned: failure
   type: str
 """
