@@ -5,9 +5,10 @@ Every 2 s it runs the role's process probe on the host (files/agent_process.sh: 
 or "PID exited:STATUS", then the agent's state file) and judges the answer here, on the
 controller, until the running process has had a heartbeat accepted (the task passes and says
 by whom), has exited (the task fails at once with its exit status) or the time is up. One
-task where it was three (a command with `until`, a fail when the agent exited, a debug that
-reported the heartbeat): at fleet scale every task costs the controller a worker per host,
-and the `until` conditions were templated again on every try (docs/DEPLOY_BENCHMARKS.md).
+task where it was four (a command with `until`, a fail when the agent exited, a debug that
+reported the heartbeat, a shell that kept the files below): at fleet scale every task costs
+the controller a worker per host, and the `until` conditions were templated again on every
+try (docs/DEPLOY_BENCHMARKS.md).
 The probe runs as a shell command (as ansible.builtin.raw does: one round trip, no module, no
 Python on the host), with the play's privilege escalation.
 
