@@ -41,13 +41,12 @@ def load_filters(name):
     return module.FilterModule().filters()
 
 
-def run_local_tasks(tmp_path, tasks, host_vars=None):
+def run_local_tasks(tmp_path, tasks):
     """`tasks` in one play on the host web-01 (this machine, local connection) with a real
     ansible-playbook and the collection of this clone. Returns {task name: web-01's result}."""
     play = [{"hosts": "web-01", "gather_facts": False, "tasks": tasks}]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    host = dict({"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
-                **(host_vars or {}))
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"hosts": {"web-01": host}}}))
     env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_LOCALHOST_WARNING="false",
                ANSIBLE_COLLECTIONS_PATH=collections_path(), NO_COLOR="1")
