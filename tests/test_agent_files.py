@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, load_module
+from conftest import ROOT, load_module, run_local_tasks
 
 agent_files = load_module("stacksense_agent_files", "plugins/modules/agent_files.py")
 
@@ -160,3 +160,37 @@ def test_what_ansible_receives_holds_no_secret_in_check_diff_or_failure(tmp_path
     assert answers[2][1]["failed"] is True
     assert "no-such-xyz does not exist" in answers[2][1]["msg"]
     assert (tmp_path / "opt" / "proxy.env").read_text() == PROXY
+
+
+def files_task(tmp_path, name, **packages):
+    return {"name": name, "stacksense.fleet.agent_files": dict(
+        directories=[{"path": str(tmp_path / "opt"), "mode": "0755"}],
+        files=[{"path": str(tmp_path / "opt" / "agent.py"), "content": "print('hi')\n"}],
+        **packages)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/apt-get"),
+                    reason="apt as root")
+def test_the_action_installs_the_packages_first_and_fails_before_any_file_on_a_bad_one(tmp_path):
+    # Installed already (python3) and fresh lists (a valid time of 30 years): apt changes
+    # nothing and reaches no network. A package apt cannot find fails the task with its names,
+    # and no file was written.
+    fresh = {"apt_cache_valid_time": 10 ** 9}
+    results = run_local_tasks(tmp_path, [
+        files_task(tmp_path / "ok", "present", packages=["python3"], **fresh),
+        dict(files_task(tmp_path / "bad", "missing", packages=["stacksense-no-such-package"],
+                        **fresh), ignore_errors=True),
+        dict(files_task(tmp_path / "check", "check mode", packages=["stacksense-no-such-package"]),
+             check_mode=True)])
+    assert results["present"]["changed"] is True  # the files, not the package
+    assert results["present"]["packages"] == ["python3"]
+    assert (tmp_path / "ok" / "opt" / "agent.py").read_text() == "print('hi')\n"
+    bad = results["missing"]
+    assert bad["failed"] and bad["msg"].startswith(
+        "the agent's packages (stacksense-no-such-package) could not be installed: "), bad
+    assert not (tmp_path / "bad" / "opt").exists()
+    # Check mode only says so (apt cannot update its lists in check mode), and writes nothing.
+    check = results["check mode"]
+    assert check["changed"] and check["packages"] == ["stacksense-no-such-package"], check
+    assert "would install stacksense-no-such-package" in check["msg"]
+    assert not (tmp_path / "check" / "opt").exists()

@@ -223,6 +223,8 @@ def test_the_packages_wanted_are_the_sources_and_crons_less_those_installed_in_o
     assert agent_packages(table, "pip", cron=True, installed=["python3", "cron"]) == [
         "python3-venv", "ca-certificates"]
     assert agent_packages(table, "package", installed=["python3", "python3-requests"]) == []
+    # A value the preflight refuses (it names stacksense_requests_source) breaks nothing first.
+    assert agent_packages(table, "pip\n") == []
 
 
 # --- fleet_conflicts: hosts of one run that would report as one server -----------------------

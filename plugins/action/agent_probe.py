@@ -12,16 +12,25 @@ agent (host_problems), one line. Registered, the result is what host_probe retur
 files, dirs, kept, packages), which vars/main.yml reads. One task where it was three (the
 probe, a set_fact that parsed its answer, a fail that judged it): at fleet scale every task
 costs the controller a worker per host (docs/DEPLOY_BENCHMARKS.md). The variables' check was a
-fourth (a fail, skipped on every host that passed it).
+fourth (a fail, skipped on every host that passed it), and the check of the role's variables
+against meta/argument_specs.yml (their types and choices) a fifth, Ansible's own, which
+playbooks/deploy.yml and remove.yml turn off (rolespec_validate: false): it runs here first,
+with Ansible's validator and message.
 """
 
+import functools
 import importlib.util
 import re
 import shlex
 from pathlib import Path
 
+import yaml
 from ansible.errors import AnsibleActionFail
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.plugins.action import ActionBase
+
+ARGUMENT_SPECS = (Path(__file__).resolve().parent.parent.parent
+                  / "roles" / "stacksense_agent" / "meta" / "argument_specs.yml")
 
 
 def _host_probe_module():
@@ -46,6 +55,23 @@ def probe_command(script, environment):
     return " ".join([*assignments, "/bin/sh", "-c", shlex.quote(script), "probe_host.sh"])
 
 
+@functools.lru_cache(maxsize=None)
+def role_options():
+    """The options of the role's entry point main (meta/argument_specs.yml), read once."""
+    specs = yaml.safe_load(ARGUMENT_SPECS.read_text(encoding="utf-8"))
+    return specs["argument_specs"]["main"]["options"]
+
+
+def spec_problems(values):
+    """What Ansible's role argument validation says of these values (the role's variables that
+    are set), one line per problem."""
+    validator = ArgumentSpecValidator(role_options())
+    result = validator.validate(values, validate_role_argument_spec=True)
+    # One line each: a value's line breaks shown as \\n, as JSON would.
+    return [str(message).replace("\r", "\\r").replace("\n", "\\n")
+            for message in result.error_messages]
+
+
 def last_line(text):
     lines = [line for line in (text or "").splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
@@ -68,7 +94,15 @@ class ActionModule(ActionBase):
             raise AnsibleActionFail(
                 "agent_probe needs problems (list), script (text), environment (dict) and "
                 "checks (dict or null)")
-        host = (task_vars or {}).get("inventory_hostname", "")
+        task_vars = task_vars or {}
+        host = task_vars.get("inventory_hostname", "")
+        # Then, as Ansible's validate_argument_spec does it, the role's variables (templated)
+        # against meta/argument_specs.yml: types and choices of the variables the role's own
+        # checks do not look at (theirs name the value and the fix, so they come first).
+        if not problems:
+            wrong = spec_problems(self._templar.template(
+                {name: task_vars[name] for name in role_options() if name in task_vars}))
+            problems = [f"the role's arguments: {'; '.join(wrong)}"] if wrong else []
         if problems:
             result.update(failed=True, msg=f"{host}: {' '.join(str(p) for p in problems)}")
             return result

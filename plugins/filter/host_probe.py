@@ -115,9 +115,11 @@ def agent_packages(packages, requests_source, cron=False, installed=None):
     """The Debian packages the agent needs, in the table's order, less those `installed`.
 
     `packages` is the role's table: the packages of each requests source (package, pip) and
-    those of cron; `installed` the probe's list (all are wanted when it is None).
+    those of cron; `installed` the probe's list (all are wanted when it is None). An unknown
+    source wants none of its own: the preflight refuses it (stacksense_requests_source) before
+    anything is installed, and this must not fail first.
     """
-    wanted = list(packages[requests_source]) + (list(packages["cron"]) if cron else [])
+    wanted = list(packages.get(str(requests_source), ())) + (list(packages["cron"]) if cron else [])
     wanted = [name for index, name in enumerate(wanted) if name not in wanted[:index]]
     return [name for name in wanted if name not in (installed or ())]
 

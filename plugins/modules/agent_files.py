@@ -105,7 +105,24 @@ options:
     type: list
     elements: path
     default: []
+  packages:
+    description:
+      - Debian packages to install before anything else, with M(ansible.builtin.apt)
+        (C(update_cache), O(apt_cache_valid_time)); the role passes those its probe found
+        missing. When they cannot be installed the task fails and no file changes.
+      - In check mode they are only reported (C(packages) in the result).
+    type: list
+    elements: str
+    default: []
+  apt_cache_valid_time:
+    description: Update the apt lists first when they are older than this many seconds
+      (V(0) always updates them).
+    type: int
+    default: 0
 attributes:
+  action:
+    support: full
+    description: The packages are installed by the action plugin, then the module runs.
   check_mode:
     support: full
     description: Says what would change and changes nothing.
@@ -147,6 +164,12 @@ changes:
   returned: always
   type: dict
   sample: {/opt/stacksense-heartbeat/heartbeat_agent.py: updated}
+packages:
+  description: The packages of O(packages), now installed (in check mode, that would be).
+  returned: when O(packages) is not empty
+  type: list
+  elements: str
+  sample: [python3-requests]
 """
 
 import contextlib
@@ -378,6 +401,9 @@ def argument_spec():
         # The list itself is not secret (paths, modes); each content is no_log.
         secret_files=dict(type="list", elements="dict", default=[], options=secret, no_log=False),
         absent=dict(type="list", elements="path", default=[]),
+        # Handled by the action (plugins/action/agent_files.py) before the module runs.
+        packages=dict(type="list", elements="str", default=[]),
+        apt_cache_valid_time=dict(type="int", default=0),
     )
 
 
