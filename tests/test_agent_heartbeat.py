@@ -62,7 +62,7 @@ def test_the_wait_lasts_about_the_timeout_two_seconds_a_try():
     assert action.attempts_for(1) == 2
 
 
-def run_wait(tmp_path, answers, timeout=10, keep=None):
+def run_wait(tmp_path, answers, timeout=10, keep=None, **start):
     """The action on localhost; its probe prints answers[n] on the n-th try (the last one
     again after the list ends). Returns the task's result and how many tries were made."""
     for n, text in enumerate(answers):
@@ -76,11 +76,12 @@ def run_wait(tmp_path, answers, timeout=10, keep=None):
         "stacksense.fleet.agent_heartbeat": {
             "argv": ["/bin/sh", "-c", probe, "probe", str(tmp_path), str(len(answers) - 1)],
             "version": "2.0.0", "modes": ["token"], "timeout": timeout, "delay": 0,
-            "keep": keep,
+            "keep": keep, **start,
         },
     }
     result = run_local_tasks(tmp_path, [task])["wait"]
-    return result, int((tmp_path / "count").read_text())
+    count = tmp_path / "count"
+    return result, int(count.read_text()) if count.exists() else 0
 
 
 def test_passes_at_the_first_accepted_heartbeat_and_says_by_whom(tmp_path):
@@ -135,3 +136,20 @@ def test_nothing_is_kept_when_the_heartbeat_is_not_accepted(tmp_path):
     keep = {"dir": str(tmp_path / "rollback"), "files": [str(tmp_path / "a")], "forget": []}
     result, _ = run_wait(tmp_path, ["42 exited:exit status 1\n"], keep=keep)
     assert result["failed"] and not (tmp_path / "rollback").exists()
+
+
+def test_without_wait_the_host_is_not_asked(tmp_path):
+    # stacksense_verify off, or check mode: the start only (here no unit to start).
+    result, tries = run_wait(tmp_path, [answer()], wait=False, start=None)
+    assert not result.get("failed") and "agent_version" not in result, result
+    assert tries == 0
+
+
+def test_a_unit_that_does_not_start_fails_at_once_with_systemds_reason(tmp_path):
+    # No systemd can start this unit here (none is PID 1, or the unit does not exist): the
+    # task fails with started false and systemd's first line, and never waits.
+    result, tries = run_wait(tmp_path, [answer()], start="stacksense-test-no-such.service")
+    assert result["failed"] and result["started"] is False, result
+    assert result["msg"].startswith("stacksense-test-no-such.service did not start (")
+    assert "\n" not in result["msg"]
+    assert tries == 0

@@ -1,6 +1,10 @@
-"""Wait for a heartbeat accepted by the running agent, in one task.
+"""Start the agent, and wait for a heartbeat accepted by the running agent, in one task.
 
-The role's verification (tasks/wait_for_heartbeat.yml, after a deploy and after a rollback).
+The role's start under systemd and its verification (tasks/wait_for_heartbeat.yml, after a
+deploy and after a rollback). With `start` (a systemd unit), the unit is first enabled and
+started unless it runs, by ansible.builtin.systemd_service (a failure fails the task with
+`started: false` and systemd's first line); that was a task of its own. With `wait` false
+(stacksense_verify off, check mode) nothing more happens.
 Every 2 s it runs the role's process probe on the host (files/agent_process.sh: "PID running"
 or "PID exited:STATUS", then the agent's state file) and judges the answer here, on the
 controller, until the running process has had a heartbeat accepted (the task passes and says
@@ -15,8 +19,8 @@ Python on the host), with the play's privilege escalation.
 With `keep`, a heartbeat accepted also keeps the verified files for a rollback (what
 tasks/recover.yml restores when a later run deploys something that fails): each file of
 keep.files that differs from its copy in keep.dir is copied there (root-only), and the copies
-of keep.forget (files this run no longer uses) go. The task is changed when it kept or
-forgot anything.
+of keep.forget (files this run no longer uses) go. The task is changed when it started the
+unit, kept or forgot anything.
 """
 
 import json
@@ -25,6 +29,7 @@ import shlex
 import time
 
 from ansible.errors import AnsibleActionFail
+from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 
 DELAY_S = 2
@@ -113,12 +118,27 @@ class ActionModule(ActionBase):
             attempts = attempts_for(args["timeout"])
             delay = float(args.get("delay", DELAY_S))
             keep = args.get("keep") or None
+            start = args.get("start") or None
+            wait = boolean(args.get("wait", True), strict=True)
             if keep is not None and not (isinstance(keep, dict) and keep.get("dir")):
                 raise ValueError(f"keep must be a dict with dir, files and forget: {keep!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise AnsibleActionFail(
                 f"agent_heartbeat needs argv (list), version, modes (list), timeout "
-                f"(seconds) and keep (dict or null): {e}") from None
+                f"(seconds), keep (dict or null), start (a unit or null) and wait (bool): "
+                f"{e}") from None
+        if start:
+            started = self._execute_module(
+                module_name="ansible.builtin.systemd_service", task_vars=task_vars,
+                module_args={"name": str(start), "enabled": True, "state": "started"})
+            if started.get("failed"):
+                why = str(started.get("msg") or "unknown error").strip().splitlines()
+                result.update(failed=True, started=False,
+                              msg=f"{start} did not start ({why[0] if why else ''})")
+                return result
+            result.update(changed=bool(started.get("changed")), started=True)
+        if not wait:
+            return result
         command = " ".join(shlex.quote(a) for a in argv)
         host = (task_vars or {}).get("inventory_hostname", "")
         first = ""
@@ -131,7 +151,7 @@ class ActionModule(ActionBase):
             first = lines[0].strip() if lines else first
             if verdict == "accepted":
                 # Shown without -v (as the debug task that reported it was), so kept short.
-                result.update(changed=False, agent_version=version, msg=report(host, found))
+                result.update(agent_version=version, msg=report(host, found))
                 result["_ansible_verbose_always"] = True
                 return self._keep(result, keep) if keep else result
             if verdict == "exited":

@@ -4,8 +4,10 @@ controller; this file only documents it, as ansible.builtin.set_fact's module fi
 
 DOCUMENTATION = r"""
 module: agent_heartbeat
-short_description: Wait for a heartbeat accepted by the running heartbeat agent
+short_description: Start the heartbeat agent and wait for a heartbeat accepted by it
 description:
+  - With O(start), first enables and starts that systemd unit unless it runs
+    (M(ansible.builtin.systemd_service)); a unit that does not start fails the task.
   - Every 2 seconds runs O(argv) on the host as a shell command (no module, no Python on the
     host; with the play's privilege escalation), and reads its answer, the agent's process
     (V(PID running) or V(PID exited:STATUS)), then the agent's state file.
@@ -37,6 +39,13 @@ options:
     description: Seconds between tries.
     type: float
     default: 2
+  start:
+    description: A systemd unit to enable and start first (unless it runs); null starts nothing.
+    type: str
+  wait:
+    description: Whether to wait for the heartbeat; V(false) only starts O(start).
+    type: bool
+    default: true
   keep:
     description:
       - Once a heartbeat is accepted, keep the verified files for a rollback. C(dir) (str),
@@ -47,10 +56,10 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Read-only.
+    description: Says whether O(start) would start the unit; the wait only reads.
   diff_mode:
     support: none
-    description: Changes nothing.
+    description: Shows no diff.
   platform:
     support: full
     platforms: posix
@@ -73,6 +82,10 @@ msg:
   description: Who accepted the heartbeat, or why the wait failed.
   returned: always
   type: str
+started:
+  description: Whether O(start) is running (V(false) when it did not start; the task failed).
+  returned: when O(start) is set
+  type: bool
 agent_version:
   description: The verified agent's version.
   returned: success
