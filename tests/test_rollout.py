@@ -17,11 +17,14 @@ def failed(tags, msg, name="a task", host="web-01"):
 def test_a_failure_before_the_new_agent_runs_is_the_hosts():
     assert failed(["stacksense_preflight"], "web-01: the init system is 'sleep'") == {
         "outcome": "refused", "reason": "the init system is 'sleep'"}
-    broken = failed(["stacksense_install"], "Failed to lock apt for exclusive operation",
-                    name="Install the agent's packages")
+    # As plugins/action/agent_files.py words a failed apt, in the role's files task.
+    task = "Install the agent's packages, the agent, its credential and the systemd unit"
+    broken = failed(["stacksense_install", "stacksense_configure"],
+                    "the agent's packages (python3-requests) could not be installed: Failed to "
+                    "lock apt for exclusive operation", name=task)
     assert broken["outcome"] == "broken"
-    assert broken["reason"] == ("Install the agent's packages failed: Failed to lock apt for "
-                                "exclusive operation")
+    assert broken["reason"] == (f"{task} failed: the agent's packages (python3-requests) could "
+                                "not be installed: Failed to lock apt for exclusive operation")
     assert failed(["stacksense_configure"], "No space left on device")["outcome"] == "broken"
 
 
