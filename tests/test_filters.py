@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import AGENT_PATH, load_filters
+from conftest import AGENT_PATH, load_filters, load_module
 
 host_probe = load_filters("host_probe")["host_probe"]
 
@@ -373,3 +373,20 @@ def test_an_agent_source_that_is_not_a_file_and_unsafe_internal_values_are_named
         __stacksense_cron_user="root\n* * * * * root sh"))
     assert [p.split(" ", 1)[0] for p in problems] == ["the", "stacksense_agent_source"]
     assert "internal paths or cron user" in problems[0]
+
+
+def test_a_host_needs_every_step_only_for_what_the_usual_deploy_does_not_do():
+    host_probe_module = load_module("stacksense_filter_host_probe", "plugins/filter/host_probe.py")
+    needs_steps = host_probe_module.needs_steps
+    usual = {"facts": {"pid1": "systemd"}, "files": ["/etc/systemd/system/x.service"]}
+    cron_file = "/etc/cron.d/stacksense-heartbeat"
+    assert needs_steps(usual, cron_file=cron_file) is False  # a systemd deploy or re-run
+    assert needs_steps(usual, present=False) is True  # removal
+    assert needs_steps(usual, cron=True) is True
+    assert needs_steps(usual, pip=True) is True
+    assert needs_steps(dict(usual, files=[cron_file]), cron_file=cron_file) is True  # from cron
+    for fact in ("stale", "legacy_unit", "legacy_cron"):
+        assert needs_steps({"facts": {fact: "yes"}, "files": []}) is True, fact
+    push = {"facts": {"push_agent": "/opt/stacksense-agent/stacksense_agent.py"}, "files": []}
+    assert needs_steps(push) is True  # left alone
+    assert needs_steps(push, beside_push_agent=True) is False

@@ -9,13 +9,16 @@ settings (as ansible.builtin.raw does: one round trip, no module, no Python need
 host; with the play's privilege escalation), parses the answer (plugins/filter/host_probe.py:
 host_probe) and, when `checks` is given, fails the host with every reason it cannot run the
 agent (host_problems), one line. Registered, the result is what host_probe returns (facts,
-files, dirs, kept, packages), which vars/main.yml reads. One task where it was three (the
-probe, a set_fact that parsed its answer, a fail that judged it): at fleet scale every task
-costs the controller a worker per host (docs/DEPLOY_BENCHMARKS.md). The variables' check was a
-fourth (a fail, skipped on every host that passed it), and the check of the role's variables
-against meta/argument_specs.yml (their types and choices) a fifth, Ansible's own, which
-playbooks/deploy.yml and remove.yml turn off (rolespec_validate: false): it runs here first,
-with Ansible's validator and message.
+files, dirs, kept, packages), which vars/main.yml reads, and with `usual` (the settings
+needs_steps weighs) `steps`: whether the host needs tasks/steps.yml.
+
+One task where it was five: the probe, a set_fact that parsed its answer and a fail that
+judged it; the variables' check, a fail skipped on every host that passed it; and Ansible's
+own check of the role's variables against meta/argument_specs.yml (their types and choices),
+which playbooks/deploy.yml and remove.yml turn off (rolespec_validate: false) because it runs
+here, with Ansible's validator, after the role's own checks (theirs name the value and the
+fix). At fleet scale every task costs the controller a worker per host
+(docs/DEPLOY_BENCHMARKS.md).
 """
 
 import functools
@@ -89,11 +92,13 @@ class ActionModule(ActionBase):
         script = args.get("script")
         environment = args.get("environment") or {}
         checks = args.get("checks")
+        usual = args.get("usual")
         if not isinstance(problems, list) or not isinstance(script, str) or not isinstance(
-                environment, dict) or not (checks is None or isinstance(checks, dict)):
+                environment, dict) or not (checks is None or isinstance(checks, dict)) or not (
+                usual is None or isinstance(usual, dict)):
             raise AnsibleActionFail(
-                "agent_probe needs problems (list), script (text), environment (dict) and "
-                "checks (dict or null)")
+                "agent_probe needs problems (list), script (text), environment (dict), "
+                "checks (dict or null) and usual (dict or null)")
         task_vars = task_vars or {}
         host = task_vars.get("inventory_hostname", "")
         # Then, as Ansible's validate_argument_spec does it, the role's variables (templated)
@@ -113,6 +118,10 @@ class ActionModule(ActionBase):
                           msg=f"the probe of the host failed (rc {answer.get('rc')}): {why}")
             return result
         result.update(_PROBE.host_probe(answer.get("stdout", "").splitlines()), changed=False)
+        if usual is not None:
+            result["steps"] = _PROBE.needs_steps(
+                result, **{name: usual[name] for name in
+                           ("present", "cron", "pip", "beside_push_agent", "cron_file")})
         if checks is not None:
             problems = _PROBE.host_problems(
                 result["facts"], bool(checks.get("cron")), bool(checks.get("token")),

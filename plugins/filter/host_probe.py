@@ -67,6 +67,25 @@ def host_probe(lines):
     return probe
 
 
+def needs_steps(probe, present=True, cron=False, pip=False, beside_push_agent=False,
+                cron_file=""):
+    """Whether a host needs more than the role's usual deploy (tasks/main.yml: its packages
+    and files, a restart under systemd, the start and the wait): then tasks/steps.yml runs
+    every step. `probe` as host_probe() gives it. Removal (not `present`); a host where
+    StackSense's push agent runs, unless the agent is to run beside it (it is left alone);
+    cron, or a host with our cron entry (a move from cron); requests from pip; an agent that
+    runs older files than those installed (an interrupted run); an agent that role 1.1.0
+    installed. Decided here once per host: as a template it cost every task of the usual
+    deploy about 15 compiled templates per host (docs/DEPLOY_BENCHMARKS.md)."""
+    facts = probe.get("facts") or {}
+    return bool(not present
+                or (facts.get("push_agent") and not beside_push_agent)
+                or cron or cron_file in (probe.get("files") or [])
+                or pip
+                or facts.get("stale") == "yes"
+                or facts.get("legacy_unit") == "yes" or facts.get("legacy_cron") == "yes")
+
+
 def host_problems(facts, cron=False, token=False, ca_bundle=""):
     """What keeps the host from running the agent, one message each (empty when nothing):
     `facts` as host_probe() gives them, `cron` when cron runs the agent, `token` when the

@@ -37,6 +37,14 @@ options:
       - C(cron) (bool), cron runs the agent; C(token) (bool), the agent gets a token;
         C(ca_bundle) (str), the CA bundle that must exist on the host.
     type: dict
+  usual:
+    description:
+      - The settings that decide whether the host needs more than the role's usual deploy
+        (RV(steps)); null decides nothing.
+      - C(present) (bool), the agent is to be installed; C(cron) (bool), cron runs it;
+        C(pip) (bool), requests comes from pip; C(beside_push_agent) (bool), it may run beside
+        StackSense's push agent; C(cron_file) (str), the role's cron entry.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -87,6 +95,11 @@ packages:
   returned: success
   type: list
   elements: str
+steps:
+  description: Whether the host needs the role's every step (removal, a push-agent host,
+    cron or a move from it, pip, a stale agent, role 1.1.0's agent), not its usual deploy.
+  returned: when O(usual) is set and the probe ran
+  type: bool
 msg:
   description: What is wrong with the variables, why the host cannot run the agent, or why
     the probe failed.
