@@ -35,6 +35,28 @@ def load_module(name, relative):
     return module
 
 
+def role_values(values=None):
+    """What the role's preflight templates for its plan (plugins/filter/role_plan.py INPUTS):
+    the role's defaults with `values`, and vars/main.yml's fixed values, their templates
+    rendered from them (plain Jinja: they only join paths and read the role's files; the
+    expected version is "test")."""
+    import jinja2
+
+    role = ROOT / "roles" / "stacksense_agent"
+    internal = yaml.safe_load((role / "vars" / "main.yml").read_text())
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.globals["lookup"] = lambda _kind, path, **_: Path(path).read_text().rstrip()
+    known = {**yaml.safe_load((role / "defaults" / "main.yml").read_text()), **(values or {}),
+             "role_path": str(role), "__stacksense_expected_version": "test"}
+    plan = load_module("stacksense_filter_role_plan", "plugins/filter/role_plan.py")
+    for name in plan.INTERNAL:
+        value = internal.get(name)
+        if name not in known and value is not None:
+            is_template = isinstance(value, str) and "{{" in value
+            known[name] = env.from_string(value).render(known) if is_template else value
+    return known
+
+
 def load_filters(name):
     """The filters of plugins/filter/NAME.py, by name, loaded as a plain module."""
     module = load_module(f"stacksense_filter_{name}", f"plugins/filter/{name}.py")

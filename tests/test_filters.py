@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import AGENT_PATH, load_filters, load_module
+from conftest import AGENT_PATH, load_filters, load_module, role_values
 
 host_probe = load_filters("host_probe")["host_probe"]
 
@@ -92,7 +92,7 @@ agent_env = agent_settings["agent_env"]
 agent_problems = agent_settings["agent_problems"]
 agent_derived = agent_settings["agent_derived"]
 
-ROLE_VARIABLES = {  # vars/main.yml's __stacksense_agent_settings: env -> variable
+ROLE_VARIABLES = {  # role_plan.py's SETTINGS: env -> variable
     "STACKSENSE_API_URL": "stacksense_api_url",
     "STACKSENSE_SERVER_ID": "stacksense_server_id",
     "STACKSENSE_INTERVAL": "stacksense_interval",
@@ -390,3 +390,85 @@ def test_a_host_needs_every_step_only_for_what_the_usual_deploy_does_not_do():
     push = {"facts": {"push_agent": "/opt/stacksense-agent/stacksense_agent.py"}, "files": []}
     assert needs_steps(push) is True  # left alone
     assert needs_steps(push, beside_push_agent=True) is False
+
+
+role_plan_module = load_module("stacksense_filter_role_plan", "plugins/filter/role_plan.py")
+
+
+def test_the_plan_of_a_plain_systemd_deploy():
+    plan = role_plan_module.role_plan(role_values({"stacksense_api_url": "https://s.example"}))
+    assert plan["cron"] is False and plan["token_mode"] is False
+    assert plan["rollback_files"] == ["/opt/stacksense-heartbeat/heartbeat_agent.py",
+                                      "/etc/systemd/system/stacksense-heartbeat.service"]
+    assert plan["wanted_modes"] == ["legacy"]
+    assert plan["agent_env"] == {"STACKSENSE_API_URL": "https://s.example",
+                                 "STACKSENSE_INTERVAL": "30", "STACKSENSE_JITTER": "0.1",
+                                 "STACKSENSE_LOG_LEVEL": "info"}
+    assert plan["watchdog_sec"] > 0
+    files = plan["files"]
+    assert files["directories"] == [{"path": "/opt/stacksense-heartbeat", "mode": "0755"}]
+    assert [f["content"] for f in files["files"]] == ["agent", "unit"]
+    assert files["secret_files"] == []
+    assert files["absent"] == ["/etc/stacksense-heartbeat/api_token",
+                               "/etc/stacksense-heartbeat/proxy.env",
+                               "/opt/stacksense-heartbeat/ca-certificates.pem",
+                               "/opt/stacksense-heartbeat/venv"]
+
+
+def test_the_plan_of_a_cron_deploy_with_token_proxy_and_ca_holds_no_secret():
+    values = role_values({
+        "stacksense_service_manager": "cron", "stacksense_api_token": " tok-zq1 \n",
+        "stacksense_https_proxy": "http://ops:pw-zq2@proxy:3128", "stacksense_server_id": 7,
+        "stacksense_ca_certificate": "-----BEGIN CERTIFICATE-----\n..."})
+    plan = role_plan_module.role_plan(values)
+    assert "zq1" not in repr(plan) and "zq2" not in repr(plan)
+    assert (plan["cron"], plan["token_mode"], plan["proxy_mode"], plan["ca_mode"]) == (
+        True, True, True, True)
+    assert plan["server_id"] == "7" and plan["wanted_modes"] == ["token"]
+    files = plan["files"]
+    assert files["directories"][1] == {"path": "/etc/stacksense-heartbeat",
+                                       "group": "stacksense-heartbeat", "mode": "0750"}
+    assert [f["content"] for f in files["files"]] == ["agent", "ca"]  # no unit under cron
+    assert [(f["content"], f["group"], f["mode"]) for f in files["secret_files"]] == [
+        ("token", "stacksense-heartbeat", "0640"), ("proxy", "stacksense-heartbeat", "0640")]
+    assert files["absent"] == ["/opt/stacksense-heartbeat/venv"]
+    env = plan["cron_entry"]["env"]
+    assert env["STACKSENSE_CA_BUNDLE"] == "/opt/stacksense-heartbeat/ca-certificates.pem"
+    assert env["STACKSENSE_API_TOKEN_FILE"] == "/etc/stacksense-heartbeat/api_token"
+    assert ". /etc/stacksense-heartbeat/proxy.env" in plan["cron_entry"]["command"]
+    assert plan["rollback_files"][1:] == ["/etc/cron.d/stacksense-heartbeat",
+                                          "/etc/stacksense-heartbeat/api_token",
+                                          "/opt/stacksense-heartbeat/ca-certificates.pem",
+                                          "/etc/stacksense-heartbeat/proxy.env"]
+    assert role_plan_module.proxy_env_text(role_plan_module.proxy_env(values)) == (
+        "# HTTPS_PROXY, HTTP_PROXY, NO_PROXY for the StackSense agent (Ansible managed)\n"
+        "HTTPS_PROXY='http://ops:pw-zq2@proxy:3128'\n")
+
+
+def test_after_the_probe_the_plan_says_what_to_install_start_and_keep():
+    values = role_values({"stacksense_api_url": "https://s.example"})
+    plan = role_plan_module.role_plan(values)
+    unit = "/etc/systemd/system/stacksense-heartbeat.service"
+    deployed = {"facts": {"apt_lists": "12"}, "files": [unit], "kept": plan["rollback_files"],
+                "packages": ["python3", "python3-requests"]}
+    after = role_plan_module.after_probe(values, plan, deployed)
+    assert (after["steps"], after["missing_packages"], after["start"], after["wait"]) == (
+        False, [], "stacksense-heartbeat.service", True)
+    assert after["apt_cache_valid_time"] == 3600 and after["keep_anyway"] is False
+    fresh = {"facts": {}, "files": [], "kept": [], "packages": ["python3"]}
+    after = role_plan_module.after_probe(values, plan, fresh, check_mode=True)
+    assert after["missing_packages"] == ["python3-requests"]
+    assert after["apt_cache_valid_time"] == 0  # no lists at all: update them
+    assert after["start"] is None and after["wait"] is False  # no unit to start in check mode
+    assert after["keep_anyway"] is True  # nothing kept yet
+    stray = dict(deployed, files=[unit, "/opt/stacksense-heartbeat/rollback/api_token"])
+    assert role_plan_module.after_probe(values, plan, stray)["keep_anyway"] is True
+
+
+def test_variable_problems_name_the_variable_and_removal_checks_only_what_it_uses():
+    bad_interval = role_values({"stacksense_api_url": "https://s.example",
+                                "stacksense_interval": "soon"})
+    problems = role_plan_module.variable_problems(bad_interval)
+    assert problems and problems[0].startswith("stacksense_interval")
+    removal = dict(bad_interval, stacksense_agent_state="absent")
+    assert role_plan_module.variable_problems(removal) == []

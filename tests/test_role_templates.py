@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import collections_path, load_module
+from conftest import collections_path, load_module, role_values
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLE = ROOT / "roles" / "stacksense_agent"
@@ -213,6 +213,8 @@ def run_playbook(tmp_path, hosts, plays, extra_args=(), path_prefix=None, env_ex
 
 
 def play(tasks, **keywords):
+    # role_path: as in the role, for vars/main.yml's reads of the role's files.
+    keywords["vars"] = dict(keywords.get("vars", {}), role_path=str(ROLE))
     return dict(
         {
             "hosts": "stacksense_agents",
@@ -317,9 +319,25 @@ def render_tasks(template, manager="systemd"):
     ]
 
 
+ROLE_PLAN = load_module("stacksense_role_plan", "plugins/filter/role_plan.py")
+
+
+def plan_for(values, manager):
+    """The preflight's plan for these values, which its checks would refuse: computed as for
+    a removal (nothing derived from the agent's settings), with a watchdog of 30 s."""
+    v = dict(role_values(dict(GOOD, **values)), stacksense_service_manager=manager,
+             stacksense_agent_state="absent")
+    return dict(ROLE_PLAN.role_plan(v), watchdog_sec=30, host={"systemd": "252"},
+                in_container=False)
+
+
 def render(tmp_path, template, hosts, manager="systemd"):
+    """The template rendered by ansible.builtin.template with vars/main.yml, for each host a
+    plan in place of the preflight's (which would refuse the values first)."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    hosts = {name: dict(values, __stacksense_host_probe={"plan": plan_for(values, manager)})
+             for name, values in hosts.items()}
     results, _ = run_playbook(
         tmp_path, hosts, [play(render_tasks(template, manager), vars={"out_dir": str(out_dir)})]
     )

@@ -9,8 +9,15 @@ settings (as ansible.builtin.raw does: one round trip, no module, no Python need
 host; with the play's privilege escalation), parses the answer (plugins/filter/host_probe.py:
 host_probe) and, when `checks` is given, fails the host with every reason it cannot run the
 agent (host_problems), one line. Registered, the result is what host_probe returns (facts,
-files, dirs, kept, packages), which vars/main.yml reads, and with `usual` (the settings
-needs_steps weighs) `steps`: whether the host needs tasks/steps.yml.
+files, dirs, kept, packages).
+
+With `role` (the role's preflight) the action itself templates the role's variables and the
+fixed values of vars/main.yml once, finds their problems (plugins/filter/role_plan.py:
+variable_problems, then meta/argument_specs.yml), derives the role's plan from them
+(role_plan: the probe's settings and checks among it) and, after the probe, what the host's
+answer decides (after_probe). The result's `plan` is what vars/main.yml and the usual
+deploy's tasks read: no template chain is compiled again at each use
+(docs/DEPLOY_BENCHMARKS.md).
 
 One task where it was five: the probe, a set_fact that parsed its answer and a fail that
 judged it; the variables' check, a fail skipped on every host that passed it; and Ansible's
@@ -36,16 +43,17 @@ ARGUMENT_SPECS = (Path(__file__).resolve().parent.parent.parent
                   / "roles" / "stacksense_agent" / "meta" / "argument_specs.yml")
 
 
-def _host_probe_module():
+def _filter_module(name):
     spec = importlib.util.spec_from_file_location(
-        "stacksense_filter_host_probe",
-        str(Path(__file__).resolve().parent.parent / "filter" / "host_probe.py"))
+        f"stacksense_filter_{name}",
+        str(Path(__file__).resolve().parent.parent / "filter" / f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_PROBE = _host_probe_module()
+_PROBE = _filter_module("host_probe")
+_PLAN = _filter_module("role_plan")
 SETTING_NAME = re.compile(r"STACKSENSE_PROBE_[A-Z0-9_]+")
 
 
@@ -92,22 +100,34 @@ class ActionModule(ActionBase):
         script = args.get("script")
         environment = args.get("environment") or {}
         checks = args.get("checks")
-        usual = args.get("usual")
+        role = args.get("role", False)
         if not isinstance(problems, list) or not isinstance(script, str) or not isinstance(
                 environment, dict) or not (checks is None or isinstance(checks, dict)) or not (
-                usual is None or isinstance(usual, dict)):
+                isinstance(role, bool)):
             raise AnsibleActionFail(
                 "agent_probe needs problems (list), script (text), environment (dict), "
-                "checks (dict or null) and usual (dict or null)")
+                "checks (dict or null) and role (bool)")
         task_vars = task_vars or {}
         host = task_vars.get("inventory_hostname", "")
-        # Then, as Ansible's validate_argument_spec does it, the role's variables (templated)
-        # against meta/argument_specs.yml: types and choices of the variables the role's own
-        # checks do not look at (theirs name the value and the fix, so they come first).
-        if not problems:
-            wrong = spec_problems(self._templar.template(
-                {name: task_vars[name] for name in role_options() if name in task_vars}))
-            problems = [f"the role's arguments: {'; '.join(wrong)}"] if wrong else []
+        plan = None
+        if role:
+            # The role's variables and the fixed values of vars/main.yml, templated once.
+            names = [*role_options(), *(n for n in _PLAN.INPUTS if n not in role_options())]
+            values = self._templar.template(
+                {name: task_vars[name] for name in names if name in task_vars})
+            problems = [*problems, *_PLAN.variable_problems(values)]
+            # Then, as Ansible's validate_argument_spec does it, the role's variables against
+            # meta/argument_specs.yml: types and choices of the variables the role's own
+            # checks do not look at (theirs name the value and the fix, so they come first).
+            if not problems:
+                wrong = spec_problems({name: values[name] for name in role_options()
+                                       if name in values})
+                problems = [f"the role's arguments: {'; '.join(wrong)}"] if wrong else []
+            if not problems:
+                plan = _PLAN.role_plan(values)
+                environment = dict(_PLAN.probe_settings(values, plan), **environment)
+                if "checks" not in args:  # given, it replaces the plan's (tests: None)
+                    checks = _PLAN.host_checks(values, plan)
         if problems:
             result.update(failed=True, msg=f"{host}: {' '.join(str(p) for p in problems)}")
             return result
@@ -118,10 +138,8 @@ class ActionModule(ActionBase):
                           msg=f"the probe of the host failed (rc {answer.get('rc')}): {why}")
             return result
         result.update(_PROBE.host_probe(answer.get("stdout", "").splitlines()), changed=False)
-        if usual is not None:
-            result["steps"] = _PROBE.needs_steps(
-                result, **{name: usual[name] for name in
-                           ("present", "cron", "pip", "beside_push_agent", "cron_file")})
+        if plan is not None:
+            result["plan"] = _PLAN.after_probe(values, plan, result, bool(self._task.check_mode))
         if checks is not None:
             problems = _PROBE.host_problems(
                 result["facts"], bool(checks.get("cron")), bool(checks.get("token")),

@@ -1,7 +1,7 @@
 """The agent's settings as the role passes them, judged by the agent's own rules.
 
-The role keeps one table of the settings it passes to the agent (vars/main.yml,
-__stacksense_agent_settings: the environment variable, the Ansible variable that sets it
+The role keeps one table of the settings it passes to the agent (plugins/filter/role_plan.py,
+agent_settings: the environment variable, the Ansible variable that sets it
 and its value). The systemd unit and the cron file both render agent_env() of it; preflight
 asks agent_problems(), which runs the agent's own settings_problems() and
 offline_window_problem() (agent/heartbeat_agent.py at the collection's root, loaded by path:

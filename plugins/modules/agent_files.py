@@ -119,6 +119,23 @@ options:
       (V(0) always updates them).
     type: int
     default: 0
+  plan:
+    description:
+      - The stacksense_agent role's plan (what its preflight task registered,
+        C(plugins/filter/role_plan.py)). The action takes O(packages), O(apt_cache_valid_time),
+        O(directories), O(files), O(secret_files) and O(absent) from it and fills in each
+        file's content (the agent, the CA certificates, the unit rendered from the role's
+        template, the secrets). For the role only.
+    type: dict
+  secrets:
+    description:
+      - With O(plan), the role's C(stacksense_api_token) and C(stacksense_https_proxy),
+        C(stacksense_http_proxy), C(stacksense_no_proxy), for the token and the proxy
+        settings files. Never shown.
+    type: dict
+  ca_certificate:
+    description: With O(plan), the role's C(stacksense_ca_certificate) (PEM text).
+    type: str
 attributes:
   action:
     support: full
@@ -404,6 +421,9 @@ def argument_spec():
         # Handled by the action (plugins/action/agent_files.py) before the module runs.
         packages=dict(type="list", elements="str", default=[]),
         apt_cache_valid_time=dict(type="int", default=0),
+        plan=dict(type="dict"),
+        secrets=dict(type="dict", no_log=True),
+        ca_certificate=dict(type="str"),
     )
 
 

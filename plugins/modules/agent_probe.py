@@ -37,14 +37,16 @@ options:
       - C(cron) (bool), cron runs the agent; C(token) (bool), the agent gets a token;
         C(ca_bundle) (str), the CA bundle that must exist on the host.
     type: dict
-  usual:
+  role:
     description:
-      - The settings that decide whether the host needs more than the role's usual deploy
-        (RV(steps)); null decides nothing.
-      - C(present) (bool), the agent is to be installed; C(cron) (bool), cron runs it;
-        C(pip) (bool), requests comes from pip; C(beside_push_agent) (bool), it may run beside
-        StackSense's push agent; C(cron_file) (str), the role's cron entry.
-    type: dict
+      - The stacksense_agent role's preflight. The action templates the role's variables
+        and the fixed values of its vars/main.yml once, adds every problem of them
+        (plugins/filter/role_plan.py's variable_problems, then the role's
+        meta/argument_specs.yml with Ansible's validator) to O(problems), derives the role's
+        plan from them (role_plan), probes with the plan's settings (O(environment) adds to
+        them) and checks the host with the plan's O(checks) unless they are given.
+    type: bool
+    default: false
 attributes:
   check_mode:
     support: full
@@ -95,11 +97,15 @@ packages:
   returned: success
   type: list
   elements: str
-steps:
-  description: Whether the host needs the role's every step (removal, a push-agent host,
-    cron or a move from it, pip, a stale agent, role 1.1.0's agent), not its usual deploy.
-  returned: when O(usual) is set and the probe ran
-  type: bool
+plan:
+  description:
+    - The role's derived values for this host (plugins/filter/role_plan.py), which its
+      vars/main.yml and tasks read; no secret (only whether a token or proxy is set).
+    - With what the probe decided, among them C(steps), whether the host needs the role's
+      every step (removal, a push-agent host, cron or a move from it, pip, a stale agent,
+      role 1.1.0's agent), not its usual deploy.
+  returned: when O(role) is true and the probe ran
+  type: dict
 msg:
   description: What is wrong with the variables, why the host cannot run the agent, or why
     the probe failed.
