@@ -424,7 +424,7 @@ def test_the_plan_of_a_cron_deploy_with_token_proxy_and_ca_holds_no_secret():
     assert "zq1" not in repr(plan) and "zq2" not in repr(plan)
     assert (plan["cron"], plan["token_mode"], plan["proxy_mode"], plan["ca_mode"]) == (
         True, True, True, True)
-    assert plan["server_id"] == "7" and plan["wanted_modes"] == ["token"]
+    assert plan["agent_env"]["STACKSENSE_SERVER_ID"] == "7" and plan["wanted_modes"] == ["token"]
     files = plan["files"]
     assert files["directories"][1] == {"path": "/etc/stacksense-heartbeat",
                                        "group": "stacksense-heartbeat", "mode": "0750"}

@@ -162,8 +162,6 @@ def role_plan(v):
         "secret_group": v["__stacksense_cron_user"] if cron else "root",
         "config_dir_mode": "0750" if cron else "0700",
         "token_file_mode": "0640" if cron else "0600",
-        "server_id": _text(v["stacksense_server_id"]),
-        "agent_settings": settings,
         "agent_env": agent_env,
         "cron_entry": _CRON.cron_entry(
             agent_env, python=python, agent=v["__stacksense_agent_path"],
@@ -195,16 +193,16 @@ def role_plan(v):
                            f"{rollback_dir}/{_basename(v[f'__stacksense_{name}'])}")]],
         "probed_dirs": [v["stacksense_install_dir"], v["__stacksense_config_dir"]],
         "expected_version": v["__stacksense_expected_version"] if present else "",
-        "files": files_plan(v, cron=cron, token=token, ca=ca, proxy=proxy),
         "agent_source": v["stacksense_agent_source"],
         # The timeout and the systemd watchdog the agent derives (its derived_settings): only
         # for a deploy, whose settings the checks passed.
         "watchdog_sec": _SETTINGS.agent_derived(settings)["watchdog_s"] if present else None,
     }
+    plan["files"] = files_plan(v, plan)
     return plan
 
 
-def files_plan(v, cron, token, ca, proxy):
+def files_plan(v, plan):
     """configure.yml's one task (plugins/modules/agent_files.py), each file's content named
     rather than given (agent, ca, unit, token, proxy: plugins/action/agent_files.py fills it
     in): the install directory and the agent; the configuration directory, which only holds
@@ -214,18 +212,18 @@ def files_plan(v, cron, token, ca, proxy):
     sandboxed service and the cron user can read them); the systemd unit. And what this run
     does not use goes: the token file (legacy API), the proxy settings (no proxy), the CA
     certificates, the virtualenv that the OS package replaces."""
-    group = v["__stacksense_cron_user"] if cron else "root"
-    secret_mode = "0640" if cron else "0600"
+    token, proxy, ca = plan["token_mode"], plan["proxy_mode"], plan["ca_mode"]
+    group = plan["secret_group"]
     return {
         "directories": [{"path": v["stacksense_install_dir"], "mode": "0755"}] + (
             [{"path": v["__stacksense_config_dir"], "group": group,
-              "mode": "0750" if cron else "0700"}] if token or proxy else []),
+              "mode": plan["config_dir_mode"]}] if token or proxy else []),
         "files": [{"path": v["__stacksense_agent_path"], "mode": "0755", "content": "agent"}]
         + ([{"path": v["__stacksense_ca_path"], "mode": "0644", "content": "ca"}] if ca else [])
-        + ([] if cron else [{"path": v["__stacksense_unit_path"], "mode": "0644",
-                             "content": "unit"}]),
+        + ([] if plan["cron"] else [{"path": v["__stacksense_unit_path"], "mode": "0644",
+                                     "content": "unit"}]),
         "secret_files": [{"path": v[f"__stacksense_{name}_path"], "group": group,
-                          "mode": secret_mode, "content": name.split("_")[0]}
+                          "mode": plan["token_file_mode"], "content": name.split("_")[0]}
                          for name, used in (("token", token), ("proxy_env", proxy)) if used],
         "absent": [v[f"__stacksense_{name}_path"]
                    for name, used in (("token", token), ("proxy_env", proxy), ("ca", ca))
