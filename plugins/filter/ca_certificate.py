@@ -1,11 +1,11 @@
 """What is wrong with PEM text meant as CA certificates (stacksense_ca_certificate).
 
-tasks/preflight.yml's variable check calls it on the controller, before the host is touched;
-it gives "" when the text is usable, else a phrase for the preflight message ("holds no
-certificate ...", "certificate 2 (CN=...) expired on ..."), so a bad value gives a clear
-message rather than an error. A filter, not a task: at fleet scale every task costs each host
-a worker (docs/DEPLOY_BENCHMARKS.md). Certificates are parsed with `cryptography`, which
-ansible-core itself requires, so the controller needs nothing more.
+The role's preflight (role_plan.py's variable_problems) calls it on the controller, before
+the host is touched; it gives "" when the text is usable, else a phrase for the preflight
+message ("holds no certificate ...", "certificate 2 (CN=...) expired on ..."), so a bad value
+gives a clear message rather than an error. A filter, not a task: at fleet scale every task
+costs each host a worker (docs/DEPLOY_BENCHMARKS.md). Certificates are parsed with
+`cryptography`, which ansible-core itself requires, so the controller needs nothing more.
 """
 
 import base64

@@ -1,9 +1,10 @@
 """What is wrong with the role's variables, one message per problem, each naming the variable.
 
-tasks/preflight.yml passes the values in one dict and fails the host with every message at
-once. The checks were Jinja expressions in that task; as Python they cost the controller one
-filter call per host instead of about 170 templates compiled in each host's worker
-(docs/DEPLOY_BENCHMARKS.md), and a plain pytest can call them (tests/test_filters.py).
+The role's preflight (role_plan.py's variable_problems) passes the values in one dict and
+fails the host with every message at once. The checks were Jinja expressions in that task;
+as Python they cost the controller one call per host instead of about 170 templates compiled
+in each host's worker (docs/DEPLOY_BENCHMARKS.md), and a plain pytest can call them
+(tests/test_filters.py).
 
 Every value that reaches the unit, the cron file, a shell or a path is checked whole (\\A and
 \\Z, or fullmatch: `$` also matches before a final newline) and shown JSON-quoted, so that a
@@ -28,7 +29,7 @@ description:
 positional: _input, removal
 options:
   _input:
-    description: The variables, by name (tasks/preflight.yml lists them).
+    description: The variables, by name (plugins/filter/role_plan.py: variable_problems lists them).
     type: dict
     required: true
   removal:
