@@ -223,8 +223,9 @@ def files_plan(v, plan):
         + ([] if plan["cron"] else [{"path": v["__stacksense_unit_path"], "mode": "0644",
                                      "content": "unit"}]),
         "secret_files": [{"path": v[f"__stacksense_{name}_path"], "group": group,
-                          "mode": plan["token_file_mode"], "content": name.split("_")[0]}
-                         for name, used in (("token", token), ("proxy_env", proxy)) if used],
+                          "mode": plan["token_file_mode"], "content": content}
+                         for name, content, used in (("token", "token", token),
+                                                     ("proxy_env", "proxy", proxy)) if used],
         "absent": [v[f"__stacksense_{name}_path"]
                    for name, used in (("token", token), ("proxy_env", proxy), ("ca", ca))
                    if not used]

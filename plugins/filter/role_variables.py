@@ -29,7 +29,7 @@ description:
 positional: _input, removal
 options:
   _input:
-    description: The variables, by name (plugins/filter/role_plan.py: variable_problems lists them).
+    description: The variables, by name (role_plan.py lists them).
     type: dict
     required: true
   removal:
