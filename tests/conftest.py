@@ -36,7 +36,8 @@ def load_module(name, relative):
 
 
 def role_values(values=None):
-    """What the role's preflight templates for its plan (plugins/filter/role_plan.py INPUTS):
+    """What the role's preflight templates for its plan (role_plan.py: INTERNAL and the role's
+    variables):
     the role's defaults with `values`, and vars/main.yml's fixed values, their templates
     rendered from them (plain Jinja: they only join paths and read the role's files; the
     expected version is "test")."""

@@ -112,7 +112,7 @@ class ActionModule(ActionBase):
         plan = None
         if role:
             # The role's variables and the fixed values of vars/main.yml, templated once.
-            names = [*role_options(), *(n for n in _PLAN.INPUTS if n not in role_options())]
+            names = [*role_options(), *_PLAN.INTERNAL]
             values = self._templar.template(
                 {name: task_vars[name] for name in names if name in task_vars})
             problems = [*problems, *_PLAN.variable_problems(values)]

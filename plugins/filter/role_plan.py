@@ -1,7 +1,7 @@
 """What the stacksense_agent role derives from its variables for one host, computed once.
 
 The preflight action (plugins/action/agent_probe.py) templates the role's variables and the
-fixed values of vars/main.yml named in INPUTS once, checks them (variable_problems), and
+fixed values of vars/main.yml named in INTERNAL once, checks them (variable_problems), and
 returns this plan in its registered result; vars/main.yml reads each derived value from
 there (``__stacksense_X`` is the plan's ``X``), and the usual deploy's tasks take the plan
 itself. As Jinja, each of these values was a chain of templates that ansible-core 2.19
@@ -29,7 +29,7 @@ description:
 positional: _input
 options:
   _input:
-    description: The role's variables and the internal values named by INPUTS, by name.
+    description: The role's variables and the internal values named by INTERNAL, by name.
     type: dict
     required: true
 version_added: 1.3.0
@@ -47,7 +47,8 @@ _value:
   type: dict
 """
 
-# The fixed values of vars/main.yml the plan is derived from (with the role's variables).
+# The fixed values of vars/main.yml the plan is derived from, with the role's variables (every
+# option of its meta/argument_specs.yml, which the preflight action templates anyway).
 INTERNAL = (
     "__stacksense_service", "__stacksense_unit_path", "__stacksense_agent_path",
     "__stacksense_venv_dir", "__stacksense_rollback_dir", "__stacksense_config_dir",
@@ -64,17 +65,6 @@ INTERNAL = (
     "__stacksense_expected_version", "__stacksense_agent_process_sh",
     "__stacksense_fleet_conflicts",
 )
-ROLE_VARIABLES = (
-    "stacksense_agent_state", "stacksense_api_url", "stacksense_server_id",
-    "stacksense_api_token", "stacksense_interval", "stacksense_timeout", "stacksense_jitter",
-    "stacksense_log_level", "stacksense_ca_bundle", "stacksense_ca_certificate",
-    "stacksense_https_proxy", "stacksense_http_proxy", "stacksense_no_proxy",
-    "stacksense_install_dir", "stacksense_agent_source", "stacksense_requests_source",
-    "stacksense_pip_requests_spec", "stacksense_pip_extra_args",
-    "stacksense_apt_cache_valid_time", "stacksense_service_manager",
-    "stacksense_beside_push_agent", "stacksense_verify", "stacksense_verify_timeout",
-)
-INPUTS = ROLE_VARIABLES + INTERNAL
 # The agent's settings: its environment variable, the role's variable that sets it.
 SETTINGS = (
     ("STACKSENSE_API_URL", "stacksense_api_url"), ("STACKSENSE_SERVER_ID", "stacksense_server_id"),
@@ -139,7 +129,7 @@ def agent_settings(v):
 
 
 def role_plan(v):
-    """The role's derived values for the variables `v` (INPUTS by name, templated)."""
+    """The role's derived values for `v` (the role's variables and INTERNAL, templated)."""
     present = v["stacksense_agent_state"] == "present"
     cron = v["stacksense_service_manager"] == "cron"
     pip = v["stacksense_requests_source"] == "pip"
