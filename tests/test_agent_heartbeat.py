@@ -145,10 +145,12 @@ def test_without_wait_the_host_is_not_asked(tmp_path):
     assert tries == 0
 
 
-def test_a_unit_that_does_not_start_fails_at_once_with_systemds_reason(tmp_path):
-    # No systemd can start this unit here (none is PID 1, or the unit does not exist): the
-    # task fails with started false and systemd's first line, and never waits.
-    result, tries = run_wait(tmp_path, [answer()], start="stacksense-test-no-such.service")
+@pytest.mark.parametrize("restart", [False, True], ids=["start", "restart"])
+def test_a_unit_that_does_not_start_fails_at_once_with_systemds_reason(tmp_path, restart):
+    # No systemd can start (or restart) this unit here (none is PID 1, or the unit does not
+    # exist): the task fails with started false and systemd's first line, and never waits.
+    result, tries = run_wait(tmp_path, [answer()], start="stacksense-test-no-such.service",
+                             restart=restart)
     assert result["failed"] and result["started"] is False, result
     assert result["msg"].startswith("stacksense-test-no-such.service did not start (")
     assert "\n" not in result["msg"]

@@ -465,6 +465,25 @@ def test_after_the_probe_the_plan_says_what_to_install_start_and_keep():
     assert role_plan_module.after_probe(values, plan, stray)["keep_anyway"] is True
 
 
+@pytest.mark.parametrize("run_tags, skip_tags, cron, handler", [
+    (["all"], [], False, False),  # a full run: the start restarts the unit itself
+    (["stacksense_configure"], [], False, True),  # no start in this run: the handler
+    (["stacksense_install", "stacksense_verify"], [], False, False),
+    (["tagged"], [], False, False),
+    (["all"], ["stacksense_service"], False, True),
+    (["all"], ["tagged"], False, True),
+    (["all"], [], True, True),  # cron: the handler stops the agent, cron.yml starts it
+])
+def test_a_change_restarts_the_agent_in_the_start_unless_the_run_leaves_the_start_out(
+        run_tags, skip_tags, cron, handler):
+    values = role_values({"stacksense_api_url": "https://s.example",
+                          "stacksense_service_manager": "cron" if cron else "systemd"})
+    plan = role_plan_module.role_plan(values)
+    probe = {"facts": {}, "files": [], "kept": [], "packages": []}
+    after = role_plan_module.after_probe(values, plan, probe, tags=(run_tags, skip_tags))
+    assert after["restart_handler"] is handler
+
+
 def test_variable_problems_name_the_variable_and_removal_checks_only_what_it_uses():
     bad_interval = role_values({"stacksense_api_url": "https://s.example",
                                 "stacksense_interval": "soon"})

@@ -3,8 +3,10 @@
 The role's start under systemd and its verification (tasks/wait_for_heartbeat.yml, after a
 deploy and after a rollback). With `start` (a systemd unit), the unit is first enabled and
 started unless it runs, by ansible.builtin.systemd_service (a failure fails the task with
-`started: false` and systemd's first line); that was a task of its own. With `wait` false
-(stacksense_verify off, check mode) nothing more happens.
+`started: false` and systemd's first line); that was a task of its own. With `restart` too
+(this run changed the agent's files), systemd reloads its configuration and restarts the unit
+instead: that was the role's restart handler, one task more on every host a deploy changed.
+With `wait` false (stacksense_verify off, check mode) nothing more happens.
 Every 2 s it runs the role's process probe on the host (files/agent_process.sh: "PID running"
 or "PID exited:STATUS", then the agent's state file) and judges the answer here, on the
 controller, until the running process has had a heartbeat accepted (the task passes and says
@@ -119,18 +121,23 @@ class ActionModule(ActionBase):
             delay = float(args.get("delay", DELAY_S))
             keep = args.get("keep") or None
             start = args.get("start") or None
+            restart = boolean(args.get("restart", False), strict=True)
             wait = boolean(args.get("wait", True), strict=True)
             if keep is not None and not (isinstance(keep, dict) and keep.get("dir")):
                 raise ValueError(f"keep must be a dict with dir, files and forget: {keep!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise AnsibleActionFail(
                 f"agent_heartbeat needs argv (list), version, modes (list), timeout "
-                f"(seconds), keep (dict or null), start (a unit or null) and wait (bool): "
+                f"(seconds), keep (dict or null), start (a unit or null), restart (bool) and "
+                f"wait (bool): "
                 f"{e}") from None
         if start:
+            unit = {"name": str(start), "enabled": True, "state": "started"}
+            if restart:
+                unit.update(state="restarted", daemon_reload=True)
             started = self._execute_module(
                 module_name="ansible.builtin.systemd_service", task_vars=task_vars,
-                module_args={"name": str(start), "enabled": True, "state": "started"})
+                module_args=unit)
             if started.get("failed"):
                 why = str(started.get("msg") or "unknown error").strip().splitlines()
                 result.update(failed=True, started=False,

@@ -139,7 +139,9 @@ class ActionModule(ActionBase):
             return result
         result.update(_PROBE.host_probe(answer.get("stdout", "").splitlines()), changed=False)
         if plan is not None:
-            result["plan"] = _PLAN.after_probe(values, plan, result, bool(self._task.check_mode))
+            result["plan"] = _PLAN.after_probe(
+                values, plan, result, bool(self._task.check_mode),
+                (task_vars.get("ansible_run_tags"), task_vars.get("ansible_skip_tags")))
         if checks is not None:
             problems = _PROBE.host_problems(
                 result["facts"], bool(checks.get("cron")), bool(checks.get("token")),

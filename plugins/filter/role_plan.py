@@ -306,13 +306,27 @@ def host_checks(v, plan):
             "ca_bundle": _text(v["stacksense_ca_bundle"])}
 
 
-def after_probe(v, plan, probe, check_mode=False):
+# The tags of the start (tasks/main.yml's and steps.yml's import of verify.yml).
+START_TAGS = frozenset({"stacksense_service", "stacksense_verify"})
+
+
+def start_runs(run_tags=None, skip_tags=None):
+    """Whether a run with these --tags and --skip-tags (ansible_run_tags, ansible_skip_tags)
+    reaches the start, by Ansible's rules for a task tagged START_TAGS."""
+    matching = START_TAGS | {"all", "tagged"}
+    return bool(set(run_tags or ["all"]) & matching) and not set(skip_tags or []) & matching
+
+
+def after_probe(v, plan, probe, check_mode=False, tags=(None, None)):
     """What the probe's answer (host_probe's dict) decides, added to the plan: the packages
     the host lacks and the apt lists' age that updates them, whether it needs
     tasks/steps.yml (needs_steps), and the verification's start (the unit, unless cron starts
     the agent or check mode finds no unit yet), wait and what it keeps for a rollback: the
     files a rollback restores and the kept copies this run does not use, kept (and forgotten)
-    when this run changed a file or what is kept differs from what it needs."""
+    when this run changed a file or what is kept differs from what it needs.
+    restart_handler: whether a change notifies the restart handler: under cron always (it
+    stops the agent, cron.yml starts the new one), under systemd only when this run's tags
+    (run, skip) leave out the start, which otherwise restarts the unit itself."""
     facts, files = probe.get("facts", {}), probe.get("files", [])
     unit_exists = v["__stacksense_unit_path"] in files
     plan = dict(plan)
@@ -335,6 +349,7 @@ def after_probe(v, plan, probe, check_mode=False):
         start=None if plan["cron"] or (check_mode and not unit_exists)
         else v["__stacksense_service"],
         wait=_bool(v["stacksense_verify"]) and not check_mode,
+        restart_handler=plan["cron"] or not start_runs(*tags),
         keep={"dir": v["__stacksense_rollback_dir"], "files": plan["rollback_files"],
               "forget": plan["unused_kept_files"]},
         keep_anyway=bool(set(plan["rollback_files"]) - set(probe.get("kept", []))

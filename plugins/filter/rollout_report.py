@@ -188,7 +188,8 @@ def host_outcome(host, host_vars, check_mode=False):
     if login.get("rc", 1) != 0:
         return rollout_unreachable(login, host)
     changes = [host_vars.get(name) or {} for name in
-               ("__stacksense_files", "__stacksense_cron_template", "__stacksense_restart_stale")]
+               ("__stacksense_files", "__stacksense_cron_template", "__stacksense_pip",
+                "__stacksense_restart_stale")]
     return rollout_done(changes, host_vars.get("__stacksense_probe") or {}, check_mode)
 
 

@@ -7,7 +7,8 @@ module: agent_heartbeat
 short_description: Start the heartbeat agent and wait for a heartbeat accepted by it
 description:
   - With O(start), first enables and starts that systemd unit unless it runs
-    (M(ansible.builtin.systemd_service)); a unit that does not start fails the task.
+    (M(ansible.builtin.systemd_service)); a unit that does not start fails the task. With
+    O(restart), reloads systemd's configuration and restarts the unit instead.
   - Every 2 seconds runs O(argv) on the host as a shell command (no module, no Python on the
     host; with the play's privilege escalation), and reads its answer, the agent's process
     (V(PID running) or V(PID exited:STATUS)), then the agent's state file.
@@ -42,6 +43,10 @@ options:
   start:
     description: A systemd unit to enable and start first (unless it runs); null starts nothing.
     type: str
+  restart:
+    description: Whether to reload systemd's configuration and restart O(start) (its files changed).
+    type: bool
+    default: false
   wait:
     description: Whether to wait for the heartbeat; V(false) only starts O(start).
     type: bool
@@ -56,7 +61,7 @@ options:
 attributes:
   check_mode:
     support: full
-    description: Says whether O(start) would start the unit; the wait only reads.
+    description: Says whether O(start) would start (or restart) the unit; the wait only reads.
   diff_mode:
     support: none
     description: Shows no diff.
