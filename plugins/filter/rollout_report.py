@@ -80,8 +80,9 @@ LOST = "unreachable or failed during the run (see above)"
 
 
 def _one_line(text, host=""):
-    """The first line of a message, without the "host: " the role puts in front, bounded."""
-    line = " ".join(str(text or "").split())
+    """The first line of a message, without the "host: " the role puts in front, bounded, and
+    without a colon left at its end by an empty detail (apt's "after 5 retries: ")."""
+    line = " ".join(str(text or "").split()).rstrip(":")
     if line.startswith("Task failed: "):  # ansible-core's prefix of every task error
         line = line[len("Task failed: "):]
     if host and line.startswith(f"{host}: "):
