@@ -3,7 +3,8 @@
 import math
 
 import pytest
-from conftest import AGENT_PATH, load_filters, load_module, role_values
+import yaml
+from conftest import AGENT_PATH, ROOT, load_filters, load_module, role_values
 
 host_probe = load_filters("host_probe")["host_probe"]
 
@@ -482,6 +483,17 @@ def test_a_change_restarts_the_agent_in_the_start_unless_the_run_leaves_the_star
     probe = {"facts": {}, "files": [], "kept": [], "packages": []}
     after = role_plan_module.after_probe(values, plan, probe, tags=(run_tags, skip_tags))
     assert after["restart_handler"] is handler
+
+
+def test_start_tags_are_the_tags_of_the_starts_imports():
+    # role_plan.START_TAGS decides whether a run reaches the systemd start; it must be what
+    # tasks/main.yml and steps.yml tag that import of verify.yml with.
+    tasks = ROOT / "roles/stacksense_agent/tasks"
+    for name in ("main.yml", "steps.yml"):
+        imports = [t for t in yaml.safe_load((tasks / name).read_text())
+                   if t["name"] == "Start the service and verify that the server accepts the "
+                                   "heartbeat"]
+        assert [set(t["tags"]) for t in imports] == [role_plan_module.START_TAGS], name
 
 
 def test_variable_problems_name_the_variable_and_removal_checks_only_what_it_uses():

@@ -306,7 +306,8 @@ def host_checks(v, plan):
             "ca_bundle": _text(v["stacksense_ca_bundle"])}
 
 
-# The tags of the start (tasks/main.yml's and steps.yml's import of verify.yml).
+# The tags of the systemd start (tasks/main.yml's and steps.yml's import of verify.yml;
+# tests/test_filters.py checks that they are the same).
 START_TAGS = frozenset({"stacksense_service", "stacksense_verify"})
 
 
